@@ -406,13 +406,19 @@ def _llama3_scaling_from_factors(cfg: LlamaConfig, factors: np.ndarray, path: st
     raise UserError(f"{path}: rope_freqs do not match any llama3 rope scaling we know")
 
 
-def _source(path: str, param_dtype: str, dtype: str) -> _Source:
+def resolve_path(path: str) -> str:
+    """The checkpoint a model path names (``"smollm2"``: the embedded GGUF); it must exist."""
     if path == EMBEDDED:
         from montessori_jax.text import embedded_smollm2_path
 
-        path = embedded_smollm2_path()
+        return embedded_smollm2_path()
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+def _source(path: str, param_dtype: str, dtype: str) -> _Source:
+    path = resolve_path(path)
     if os.path.isdir(path):
         return _hf_source(path, param_dtype, dtype)
     if path.endswith(".gguf"):

@@ -1,0 +1,81 @@
+"""The ``montessori`` command: parse, call a library function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from montessori_jax import __version__
+from montessori_jax.errors import UserError
+
+MODEL_HELP = 'an HF Llama folder, a .gguf file, or "smollm2" (the embedded SmolLM2-135M-Instruct)'
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_score(args) -> int:
+    from montessori_jax.scoring import score_file
+
+    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size,
+                         max_len=args.max_len, dtype=args.dtype)
+    print(f"scored {summary['rows']} rows, {summary['tokens']} tokens: mean NLL "
+          f"{summary['mean_nll']:.4f} per token -> {args.out}")
+    if summary["truncated"]:
+        print(f"note: {summary['truncated']} rows were truncated to --max-len {args.max_len}")
+    return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="mean token NLL of texts, or of responses given prompts",
+        description="Per input row, write the mean token NLL (`nll`) and the number of scored "
+        "tokens (`tokens`): of `text` (every token after the first), or of `response` given "
+        "`prompt` under the model's chat template (response tokens only).",
+    )
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--input", required=True, help="JSONL rows with `text`, or `prompt` and `response`")
+    p.add_argument("--out", required=True, help="output JSONL: id, nll, tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=None, help="truncate rows to this many tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.set_defaults(func=cmd_score)
+
+
+# Each entry adds one subcommand; later stages append theirs.
+COMMANDS = [_add_score]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="montessori",
+        description="Montessori-Instruct in JAX: a teacher LLM synthesizes instruction data "
+        "tailored to a student LLM by the data's local influence on the student.",
+    )
+    parser.add_argument("--version", action="version", version=f"montessori-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"montessori: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("montessori: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

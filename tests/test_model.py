@@ -1,0 +1,123 @@
+"""The decoder equals transformers' LlamaForCausalLM (fp32, CPU) on random tiny configs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_torch_llama
+from montessori_jax import model as M
+from montessori_jax import weights
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+CASES = {
+    "untied_gqa": dict(),
+    "tied_mha": dict(tie_word_embeddings=True, num_key_value_heads=8),
+    "gqa_llama3_rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "tied_mqa_llama3_rope": dict(tie_word_embeddings=True, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE),
+}
+
+
+def _ours(torch_model, tmp_path):
+    torch_model.save_pretrained(tmp_path)
+    return weights.load_model(str(tmp_path))
+
+
+def _padded_batch(lengths, T, side, vocab, seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(2, vocab, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), np.int64)
+    for b, n in enumerate(lengths):
+        if side == "right":
+            mask[b, :n] = 1
+        else:
+            mask[b, T - n:] = 1
+    ids = np.where(mask == 1, ids, 0)
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None) * mask
+    return ids, mask, positions
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers(case, side, tmp_path):
+    tm = tiny_torch_llama(seed=1, **CASES[case])
+    ours = _ours(tm, tmp_path)
+    assert ours.cfg.tie_embeddings == tm.config.tie_word_embeddings
+    # a length past original_max_position_embeddings exercises all three rope bands
+    ids, mask, pos = _padded_batch([48, 31, 7], 48, side, tm.config.vocab_size)
+    with torch.no_grad():
+        ref = tm(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.numpy()
+    out = np.asarray(ours(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.abs(out[real] - ref[real]).max() <= 1e-4
+
+
+def test_positions_from_segments():
+    seg = jnp.array([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]])
+    pos = M.positions_from_segments(seg)
+    np.testing.assert_array_equal(np.asarray(pos), [[0, 0, 0, 1, 2], [0, 1, 0, 1, 0]])
+
+
+def test_llama3_inv_freq_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=500000.0,
+                     rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 8192})
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    cfg = weights.config_from_hf(hf.to_dict())
+    np.testing.assert_allclose(np.asarray(M.rope_inv_freq(cfg)), ref.numpy(), rtol=1e-6)
+    # the scaling changes the low frequencies and keeps the high ones
+    plain = M.rope_inv_freq(cfg.replace(rope_scaling=None))
+    assert float(plain[0]) == pytest.approx(float(M.rope_inv_freq(cfg)[0]))
+    assert float(plain[-1]) == pytest.approx(8.0 * float(M.rope_inv_freq(cfg)[-1]), rel=1e-5)
+
+
+def test_kv_cache_decode_equals_full_forward():
+    cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    m = M.create(cfg, seed=3)
+    ids = jnp.array(np.random.RandomState(0).randint(0, 50, (2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    full = m(ids, pos)
+    cache = M.init_cache(cfg, 2, 16)
+    logits, cache = m(ids[:, :8], pos[:, :8], cache=cache, cache_index=0)
+    steps = [logits]
+    for t in range(8, 12):
+        logits, cache = m(ids[:, t:t + 1], pos[:, t:t + 1], cache=cache, cache_index=t)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5)
+
+
+def test_bf16_compute_is_close_to_fp32():
+    cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    m32 = M.create(cfg, seed=0)
+    m16 = M.create(cfg.replace(dtype="bfloat16"), seed=0)
+    ids = jnp.array([[1, 2, 3, 4, 5]])
+    pos = jnp.arange(5)[None]
+    a, b = m32(ids, pos), m16(ids, pos)
+    assert b.dtype == jnp.float32  # logits always fp32
+    assert 0 < float(jnp.abs(a - b).max()) < 0.1
+
+
+def test_logical_axes_on_every_param():
+    from flax import nnx
+
+    from montessori_jax.compat import logical_axes_of
+
+    cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    state = nnx.state(M.abstract(cfg), nnx.Param)
+    leaves = [v for v in jax_leaves(state)]
+    assert len(leaves) == 12
+    for v in leaves:
+        axes = logical_axes_of(v)
+        assert axes is not None and len(axes) == len(v.shape)
+
+
+def jax_leaves(state):
+    import jax
+    from flax import nnx
+
+    return jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))

