@@ -45,8 +45,27 @@ def _add_score(sub) -> None:
     p.set_defaults(func=cmd_score)
 
 
+def cmd_config(args) -> int:
+    from montessori_jax.config import Config, dump_yaml, load_config
+
+    print(dump_yaml(load_config(Config, args.config, args.overrides)), end="")
+    return 0
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print a config resolved from a YAML preset and key=value overrides",
+        description="Load a YAML preset (or the defaults), apply dotted key=value overrides, "
+        "validate against the schema and print the result as YAML.",
+    )
+    p.add_argument("-c", "--config", default=None, help="a YAML preset, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. student.dtype=bfloat16")
+    p.set_defaults(func=cmd_config)
+
+
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score]
+COMMANDS = [_add_score, _add_config]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from typing import Literal
 
 import pytest
@@ -310,3 +312,25 @@ def test_diff_lists_changed_keys_in_field_order():
 def test_diff_refuses_different_classes():
     with pytest.raises(TypeError):
         diff(Config(), MeshConfig())
+
+
+# --- the shipped presets and the CLI ------------------------------------------------------------
+
+PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
+def test_every_preset_loads(preset):
+    cfg = load_config(Config, preset)
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_cli_config_prints_overrides_and_names_unknown_key(capsys):
+    from montessori_jax.cli import main
+
+    assert PRESETS, "configs/ has presets"
+    assert main(["config", "-c", PRESETS[0], "student.dtype=bfloat16"]) == 0
+    assert "dtype: bfloat16" in capsys.readouterr().out
+    assert main(["config", "-c", PRESETS[0], "student.dtyp=bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'student.dtyp'" in err and "dtype, param_dtype, path, remat" in err

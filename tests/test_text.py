@@ -8,10 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
+from conftest import SENTENCES, make_tiny_tokenizer
 from montessori_jax import text
 from montessori_jax.errors import UserError
 
-SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today"]
 
 
 def _has_smollm2() -> bool:
@@ -31,26 +31,8 @@ def smol():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A byte-level BPE tokenizer that adds bos <s>, has eos </s> and no chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(SENTENCES, trainer)
-    bos = bpe.token_to_id("<s>")
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
-    )
     folder = tmp_path_factory.mktemp("tiny_tok")
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
-    assert fast.chat_template is None
-    fast.save_pretrained(folder)
+    assert make_tiny_tokenizer(folder).chat_template is None
     return text.load_tokenizer(str(folder))
 
 
