@@ -64,8 +64,40 @@ def _add_config(sub) -> None:
     p.set_defaults(func=cmd_config)
 
 
+def _stage_args(p) -> None:
+    """The arguments every stage takes: a preset, an output folder, dotted overrides."""
+    p.add_argument("-c", "--config", default=None, help="a YAML preset, e.g. configs/default.yaml")
+    p.add_argument("--out", required=True, help="output folder; rerunning on it resumes")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.optim.lr=1e-5")
+
+
+def cmd_sft(args) -> int:
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.sft import run_sft
+
+    cfg = load_config(Config, args.config, args.overrides)
+    s = run_sft(cfg, args.out)
+    print(f"sft: {s['steps']} steps on {s['examples']} examples ({s['truncated']} truncated)"
+          + (f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""))
+    print(f"train state: {s['warm_state']}" + (f"; HF model: {s['model']}" if s["model"] else ""))
+    return 0
+
+
+def _add_sft(sub) -> None:
+    p = sub.add_parser(
+        "sft",
+        help="fine-tune the student on instruction/response pairs (loss on responses only)",
+        description="Supervised fine-tuning of `student` on `sft.data` (JSONL or an HF dataset): "
+        "AdamW with warmup-stable-decay, exact gradient accumulation, orbax checkpoints every "
+        "`sft.save_every` steps (rerun to resume), metrics.jsonl + loss.png, the final train "
+        "state for `montessori influence`, and an HF export in OUT/model.",
+    )
+    _stage_args(p)
+    p.set_defaults(func=cmd_sft)
+
+
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_config]
+COMMANDS = [_add_score, _add_config, _add_sft]
 
 
 def build_parser() -> argparse.ArgumentParser:

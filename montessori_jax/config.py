@@ -55,13 +55,69 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its warmup-stable-decay schedule (ratios of the run's total steps)."""
+
+    lr: float = 5e-6  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_norms: bool = False  # apply weight decay to the RMSNorm weights too
+    warmup_ratio: float = 0.1
+    stable_ratio: float = 0.5
+    decay_ratio: float = 0.4
+    min_lr_ratio: float = 0.0  # the lr decays to lr * min_lr_ratio
+    decay_shape: Literal["linear", "cosine"] = "linear"
+    grad_clip: float | None = 1.0  # clip the global gradient norm; null: no clipping
+
+    def __post_init__(self):
+        total = self.warmup_ratio + self.stable_ratio + self.decay_ratio
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"warmup_ratio + stable_ratio + decay_ratio = {total:g}, must be 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning of the student (warm-up and training): loss on responses only."""
+
+    data: str = ""  # JSONL file, a saved HF dataset folder, or a hub id (where a hub is reachable)
+    split: str = "train"  # the split of an HF dataset
+    prompt_field: str = "instruction"  # also read: `input` appended, or chat `messages`
+    response_field: str = "response"  # `output` is accepted when this field is absent
+    system: str | None = None  # a system prompt for every example
+    eval_data: str | None = None  # held-out examples; or carve them out with eval_fraction
+    eval_fraction: float = 0.0
+    max_len: int = 1024  # longer examples are truncated (and counted)
+    pack: bool = False  # pack several examples per row; attention stays within each
+    batch_size: int = 8  # global batch, in examples
+    micro_batch_size: int | None = None  # per accumulation step; null: batch_size
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    log_every: int = 10  # steps between metrics brought to the host
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    eval_every: int = 0  # steps between eval losses; 0: only at the end
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    export: bool = True  # write the trained model as an HF checkpoint at the end
+
+    def __post_init__(self):
+        mb = self.micro_batch_size or self.batch_size
+        if self.batch_size % mb:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={mb}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """One run: the seed, both models and the mesh they are placed on."""
+    """One run: the seed, both models, the mesh they are placed on, and each stage's section."""
 
     seed: int = 0
     teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
 
 
 # ---------------------------------------------------------------------------------------------

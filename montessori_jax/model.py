@@ -287,3 +287,31 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
     )
     start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return jnp.where(segment_ids_BT != 0, idx - start_idx, 0).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional view: params as a plain {name: array} dict, the module rebuilt inside jit.
+
+
+def split_params(model: Llama) -> tuple[nnx.GraphDef, dict[str, jax.Array]]:
+    """(graphdef, params): the model as a pure function's static part and its params."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef: nnx.GraphDef, params: dict) -> Llama:
+    """The module back from (graphdef, params)."""
+    return nnx.merge(graphdef, nnx.State({name: nnx.Param(value) for name, value in params.items()}))
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, *args, **kwargs):
+    """Run the model given as (graphdef, params); call inside jit/grad/vmap."""
+    return merge_params(graphdef, params)(*args, **kwargs)
+
+
+def logical_axes(cfg: LlamaConfig) -> dict[str, tuple]:
+    """{param name: logical axis names}, from the abstract model (no memory)."""
+    from montessori_jax.compat import logical_axes_of
+
+    state = nnx.state(abstract(cfg), nnx.Param)
+    return {name: logical_axes_of(var) for name, var in state.items()}

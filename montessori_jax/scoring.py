@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
+from montessori_jax import model as model_lib
 from montessori_jax import text
 from montessori_jax.errors import UserError
 from montessori_jax.losses import token_nll
@@ -75,30 +74,31 @@ def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> 
     return ex
 
 
-@dataclass
 class Scorer:
-    """Holds a model split once into (graphdef, state) and one jitted NLL program."""
+    """One jitted program giving each row's (nll_sum, count) under params (graphdef, params)."""
 
-    model: nnx.Module
+    def __init__(self, graphdef, params: dict):
+        self.params = params
 
-    def __post_init__(self):
-        self.graphdef, self.state = nnx.split(self.model)
-
-        def nll(state, batch):
-            model = nnx.merge(self.graphdef, state)
-            logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        def nll(params, batch):
+            logits = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
             return token_nll(logits, batch["tokens"], batch["loss_mask"])
 
         self._nll = jax.jit(nll)
 
+    @classmethod
+    def of(cls, model) -> "Scorer":
+        return cls(*model_lib.split_params(model))
+
     def nll_sums(self, examples: Sequence[text.Example], batch_size: int = 8, pad_id: int = 0,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Per-example (nll_sum, count) in input order."""
+                 progress: bool = False, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example (nll_sum, count) in input order (under ``params`` when given)."""
+        params = self.params if params is None else params
         sums = np.zeros(len(examples), np.float64)
         counts = np.zeros(len(examples), np.int64)
         bar = tqdm(total=len(examples), desc="score", unit="row", disable=not progress)
         for idx, batch in text.batches(examples, batch_size, pad_id=pad_id):
-            s, c = jax.device_get(self._nll(self.state, batch))
+            s, c = jax.device_get(self._nll(params, batch))
             n = len(idx)
             sums[idx], counts[idx] = s[:n], c[:n]
             bar.update(n)
@@ -119,7 +119,7 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
     examples = [encode_score_row(tok, r, f"{input_path}, line {r['_line']}", max_len) for r in rows]
     model = weights.load_model(model_path, dtype=dtype)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    sums, counts = Scorer(model).nll_sums(examples, batch_size, pad_id, progress=True)
+    sums, counts = Scorer.of(model).nll_sums(examples, batch_size, pad_id, progress=True)
 
     def out_rows():
         for i, (r, s, c) in enumerate(zip(rows, sums, counts)):

@@ -115,6 +115,13 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RUL
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
+def dict_shardings(params: Mapping, axes: Mapping[str, tuple], mesh: jax.sharding.Mesh,
+                   rules: Mapping = DEFAULT_RULES) -> dict:
+    """{name: NamedSharding} for a plain dict of arrays whose logical axes are ``axes[name]``."""
+    return {name: NamedSharding(mesh, spec_for(axes[name], tuple(v.shape), mesh, rules, what=name))
+            for name, v in params.items()}
+
+
 def place(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
     """Put every value of an nnx.State onto the mesh according to its logical names."""
     shardings = state_shardings(state, mesh, rules)

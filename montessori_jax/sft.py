@@ -1,0 +1,303 @@
+"""Supervised fine-tuning of the student: the warm-up (step 2 of the method) and the training
+on the synthesized set (step 5). Loss on response tokens only, token mean over the global
+batch with exact gradient accumulation, AdamW with warmup-stable-decay, one jitted step that
+donates the train state, orbax checkpoints with resume, HF export at the end.
+
+The final train state (params + AdamW state + step) is what the influence stage continues
+from; ``warm_state.json`` beside it records the hyperparameters and the last lr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from montessori_jax import model as model_lib
+from montessori_jax import optim, text
+from montessori_jax.checkpoint import Checkpoints
+from montessori_jax.config import Config, SFTConfig
+from montessori_jax.errors import UserError
+from montessori_jax.losses import mean_token_nll
+
+# ---------------------------------------------------------------------------------------------
+# Data: examples -> (optionally packed) rows -> global batches [A, M, T]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sequence of a batch: tokens, targets, and segment ids (1.. per packed example)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    segment_ids: np.ndarray
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def rows_from_examples(examples: Sequence[text.Example]) -> list[Row]:
+    return [Row(e.tokens, e.loss_mask, np.ones(len(e), np.int32)) for e in examples]
+
+
+def pack_examples(examples: Sequence[text.Example], max_len: int) -> list[Row]:
+    """Greedy packing in order: examples share a row while they fit; segment ids keep
+    attention (and positions) within each example."""
+    rows, cur = [], []
+
+    def flush():
+        if cur:
+            rows.append(Row(np.concatenate([e.tokens for e in cur]),
+                            np.concatenate([e.loss_mask for e in cur]),
+                            np.concatenate([np.full(len(e), i + 1, np.int32) for i, e in enumerate(cur)])))
+            cur.clear()
+
+    for e in examples:
+        if cur and sum(map(len, cur)) + len(e) > max_len:
+            flush()
+        cur.append(e)
+    flush()
+    return rows
+
+
+def pad_rows(rows: Sequence[Row], n_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[n_rows, length] arrays; missing rows are all padding (segment 0, no targets)."""
+    tokens = np.full((n_rows, length), pad_id, np.int32)
+    loss_mask = np.zeros((n_rows, length), bool)
+    segment_ids = np.zeros((n_rows, length), np.int32)
+    for i, r in enumerate(rows):
+        n = len(r)
+        tokens[i, :n], loss_mask[i, :n], segment_ids[i, :n] = r.tokens, r.loss_mask, r.segment_ids
+    positions = np.asarray(model_lib.positions_from_segments(jnp.asarray(segment_ids)))
+    return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "loss_mask": loss_mask}
+
+
+def epoch_order(rows: Sequence[Row], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global batches of row indices: similar lengths together, batch order shuffled per epoch."""
+    by_len = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+    chunks = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
+    perm = np.random.default_rng([seed, epoch]).permutation(len(chunks))
+    return [chunks[i] for i in perm]
+
+
+def global_batch(rows: Sequence[Row], idx: Sequence[int], batch_size: int, micro: int,
+                 buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """Pad a global batch to its bucket and split it into [accum, micro, T]."""
+    length = text.bucket_length(max(len(rows[i]) for i in idx), buckets)
+    flat = pad_rows([rows[i] for i in idx], batch_size, length, pad_id)
+    return {k: v.reshape(batch_size // micro, micro, length) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+    """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
+
+    batch arrays are [A, M, T]: A micro-batches whose gradients of the *summed* token loss are
+    accumulated, then divided once by the global target count (exact token mean).
+    """
+
+    def loss_sum(params, mb):
+        logits = model_lib.apply(graphdef, params, mb["tokens"], mb["positions"], mb["segment_ids"])
+        return mean_token_nll(logits, mb["tokens"], mb["loss_mask"])
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+
+        def micro(carry, mb):
+            g_acc, s_acc, c_acc = carry
+            (s, c), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g, s, c), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        denom = jnp.maximum(c, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(g, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": s / denom, "tokens": c, "grad_norm": optax.global_norm(g),
+                   "lr": optim.current_lr(opt_state)}
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def batch_shardings(mesh, rules, batch) -> dict:
+    """[A, M, T]: the micro-batch axis over the data-parallel mesh axes when it divides."""
+    axes = rules.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    out = {}
+    for k, v in batch.items():
+        spec = P(None, axes if (n > 1 and v.shape[1] % n == 0) else None, *([None] * (v.ndim - 2)))
+        out[k] = NamedSharding(mesh, spec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _fingerprint(rows: Sequence[Row], cfg: SFTConfig, model_path: str) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r.tokens.tobytes())
+        h.update(r.loss_mask.tobytes())
+        h.update(r.segment_ids.tobytes())
+    keep = dataclasses.asdict(cfg)
+    for k in ("log_every", "save_every", "eval_every", "logger", "export", "max_steps"):
+        keep.pop(k)
+    h.update(json.dumps({"cfg": keep, "model": model_path}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def encode_pairs(tok, pairs, cfg: SFTConfig) -> list[text.Example]:
+    return [text.encode_example(tok, list(p.prompt) if isinstance(p.prompt, tuple) else p.prompt,
+                                p.response, system=cfg.system, max_len=cfg.max_len) for p in pairs]
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return examples, []
+    n_eval = max(1, int(round(fraction * len(examples))))
+    perm = np.random.default_rng([seed, 1]).permutation(len(examples))
+    held = set(perm[:n_eval].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sft") -> dict:
+    """Train ``cfg.student`` on ``cfg.<section>``'s data; resume from ``out_dir`` if a run was
+    interrupted there. Returns a summary dict (also written to ``out_dir/summary.json``)."""
+    from montessori_jax import metrics as metrics_lib
+    from montessori_jax import pairs as pairs_lib
+    from montessori_jax import sharding, weights
+    from montessori_jax.scoring import Scorer
+
+    scfg: SFTConfig = getattr(cfg, section)
+    model_cfg = cfg.student
+    os.makedirs(out_dir, exist_ok=True)
+    tok = text.load_tokenizer(model_cfg.path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    examples = encode_pairs(tok, pairs_lib.load_pairs(scfg.data, scfg.split, scfg.prompt_field, scfg.response_field), scfg)
+    train_ex, eval_ex = split_eval(examples, scfg.eval_fraction, cfg.seed)
+    if scfg.eval_data:
+        eval_ex = encode_pairs(tok, pairs_lib.load_pairs(scfg.eval_data, scfg.split, scfg.prompt_field,
+                                                         scfg.response_field), scfg)
+    n_truncated = sum(e.truncated for e in examples)
+    rows = pack_examples(train_ex, scfg.max_len) if scfg.pack else rows_from_examples(train_ex)
+
+    G = scfg.batch_size
+    M = scfg.micro_batch_size or G
+    steps_per_epoch = math.ceil(len(rows) / G)
+    total = steps_per_epoch * scfg.epochs
+    if scfg.max_steps is not None:
+        total = min(total, scfg.max_steps)
+    buckets = text.DEFAULT_BUCKETS
+    fingerprint = _fingerprint(rows, scfg, model_cfg.path)
+
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    model = weights.load_model(model_cfg.path, model_cfg.param_dtype, model_cfg.dtype, mesh, rules, model_cfg.remat)
+    graphdef, params = model_lib.split_params(model)
+    del model
+    tx = optim.adamw(scfg.optim, total)
+    with jax.set_mesh(mesh):
+        state = init_state(params, tx)
+    step_fn = make_train_step(graphdef, tx)
+
+    ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
+    start = 0
+    if ckpts.latest_step() is not None:
+        meta = ckpts.restore_meta()
+        if meta.get("fingerprint") != fingerprint:
+            raise UserError(f"{out_dir}: holds a run with other data or settings; use a new --out or remove it")
+        state, meta = ckpts.restore(state)
+        start = int(meta["step"])
+    log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
+    scorer = Scorer(graphdef, state["params"]) if eval_ex else None
+
+    def eval_loss(step):
+        s, c = scorer.nll_sums(eval_ex, M, pad_id, params=state["params"])
+        value = float(s.sum() / max(c.sum(), 1))
+        log.write({"step": step, "eval_loss": value})
+        return value
+
+    bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
+    pending, t_last, tok_count = [], time.perf_counter(), 0.0
+    step = start
+    with jax.set_mesh(mesh):
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            idx = epoch_order(rows, G, cfg.seed, epoch)[k]
+            batch = global_batch(rows, idx, G, M, buckets, pad_id)
+            batch = jax.device_put(batch, batch_shardings(mesh, rules, batch))
+            state, m = step_fn(state, batch)
+            step += 1
+            pending.append((step, m))
+            if step % scfg.log_every == 0 or step == total:
+                host = jax.device_get([m for _, m in pending])
+                now = time.perf_counter()
+                n_tok = sum(float(h["tokens"]) for h in host)
+                for (s_, _), h in zip(pending, host):
+                    log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
+                               "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
+                               "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
+                bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
+                pending, t_last = [], now
+            if scfg.eval_every and scorer and step % scfg.eval_every == 0:
+                eval_loss(step)
+            if step % scfg.save_every == 0 or step == total:
+                log.flush()
+                ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+            bar.update(1)
+    bar.close()
+    ckpts.close()
+
+    final_eval = eval_loss(step) if scorer else None
+    last_lr = float(optim.current_lr(state["opt_state"])) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
+    o = scfg.optim
+    warm = {"checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")), "step": step,
+            "total_steps": total, "lr": last_lr, "peak_lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
+            "weight_decay": o.weight_decay, "decay_norms": o.decay_norms, "grad_clip": o.grad_clip,
+            "model": model_cfg.path, "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
+            "schedule": dataclasses.asdict(o)}
+    _write_json(os.path.join(out_dir, "warm_state.json"), warm)
+
+    export_dir = None
+    if scfg.export:
+        export_dir = os.path.join(out_dir, "model")
+        weights.save_hf(model_lib.merge_params(graphdef, state["params"]), export_dir, tokenizer=tok)
+    log.close()
+    metrics_lib.plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    summary = {"steps": step, "examples": len(train_ex), "rows": len(rows), "truncated": n_truncated,
+               "eval_examples": len(eval_ex), "eval_loss": final_eval, "last_lr": last_lr,
+               "model": export_dir, "warm_state": os.path.join(out_dir, "warm_state.json")}
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
