@@ -110,6 +110,26 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InfluenceConfig:
+    """Local data influence of each probing example on the student's reference loss."""
+
+    warm_state: str = ""  # warm_state.json written by `montessori sft` (or the folder holding it)
+    probe: str = ""  # the probing set (JSONL from synthesize, or pairs in any layout sft reads)
+    reference: str | None = None  # D_ref; null: the packaged default reference set
+    prompt_field: str = "instruction"
+    response_field: str = "response"
+    system: str | None = None
+    estimator: Literal["exact", "first_order", "both"] = "exact"
+    batch_size: int | None = None  # probing examples per vmapped program; null: from a memory estimate
+    ref_batch_size: int = 4  # D_ref rows per streamed chunk
+    lr: float | None = None  # null: the warm-up's last lr
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: the precision probe
+    max_len: int = 1024  # probing examples are truncated to this
+    ref_max_len: int = 1024  # reference rows are truncated to this
+    memory_fraction: float = 0.5  # of device memory the automatic batch size may plan for
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: the seed, both models, the mesh they are placed on, and each stage's section."""
 
@@ -118,6 +138,7 @@ class Config:
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    influence: InfluenceConfig = dataclasses.field(default_factory=InfluenceConfig)
 
 
 # ---------------------------------------------------------------------------------------------

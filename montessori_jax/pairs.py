@@ -17,6 +17,7 @@ class Pair:
     response: str
     where: str  # "FILE, line N" for error messages
     id: str | int | None = None
+    row: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # the source row
 
 
 def _rows(path: str, split: str):
@@ -71,7 +72,7 @@ def load_pairs(path: str, split: str = "train", prompt_field: str = "instruction
             extra = row.get("input")
             if isinstance(extra, str) and extra.strip():
                 prompt = f"{prompt}\n\n{extra}"
-        pairs.append(Pair(prompt, response, where, row.get("id")))
+        pairs.append(Pair(prompt, response, where, row.get("id"), row))
     if not pairs:
         raise UserError(f"{path}: no rows")
     return pairs

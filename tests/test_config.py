@@ -126,8 +126,10 @@ def test_unknown_key_in_yaml_names_file_line_and_valid_keys(tmp_path):
 
 
 def test_unknown_top_level_key_from_override():
+    valid = ", ".join(sorted(f.name for f in dataclasses.fields(Config)))
+    assert "seed" in valid and "teacher" in valid
     assert error_of(load_config, Config, None, ["sede=1"]) == (
-        "override 'sede=1': unknown key 'sede'; valid keys at the top level: mesh, seed, student, teacher"
+        f"override 'sede=1': unknown key 'sede'; valid keys at the top level: {valid}"
     )
 
 

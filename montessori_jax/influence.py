@@ -1,0 +1,285 @@
+"""Local data influence (step 3 of the method), batched.
+
+For a probing example z and the student's warm state (params theta, AdamW moments, step):
+
+    L_ref(theta)   token-mean NLL over the response tokens of all of D_ref
+    theta_z        one AdamW step on z alone from the warm state (fp32 update math)
+    influence(z) = L_ref(theta) - L_ref(theta_z)        positive: z helps
+
+Exact: B examples at a time through ``jax.vmap`` of (one-step update, reference loss under the
+updated params) in one compiled program; D_ref streams through fixed-shape chunks with
+``lax.scan`` so memory does not grow with |D_ref|.
+
+First order: g_ref = grad L_ref(theta) once; per example the AdamW update delta_z (nonlinear in
+z's gradient, so computed per example, vmapped); influence ~= -<g_ref, delta_z>.
+
+The original code reloads the checkpoint from disk after every example; here the warm state
+is read once and every example's update is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from montessori_jax import model as model_lib
+from montessori_jax import text
+from montessori_jax.errors import UserError
+from montessori_jax.losses import mean_token_nll
+
+# ---------------------------------------------------------------------------------------------
+# The one AdamW step, as optax.adamw (+ clip_by_global_norm) computes it, on explicit state
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHP:
+    """The warm-up optimizer's hyperparameters, and the lr of the influence step."""
+
+    lr: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_norms: bool = False
+    grad_clip: float | None = 1.0
+
+    @classmethod
+    def from_warm_state(cls, warm: dict, lr: float | None = None) -> "AdamHP":
+        return cls(lr=warm["lr"] if lr is None else lr, b1=warm["b1"], b2=warm["b2"], eps=warm["eps"],
+                   weight_decay=warm["weight_decay"], decay_norms=warm["decay_norms"],
+                   grad_clip=warm["grad_clip"])
+
+
+def adamw_update(params: dict, grads: dict, mu: dict, nu: dict, count, hp: AdamHP) -> dict:
+    """delta = theta_z - theta for one AdamW step from (mu, nu, count), in fp32."""
+    grads = {k: g.astype(jnp.float32) for k, g in grads.items()}
+    if hp.grad_clip is not None:
+        norm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads.values()))
+        scale = jnp.where(norm < hp.grad_clip, 1.0, hp.grad_clip / norm)
+        grads = {k: g * scale for k, g in grads.items()}
+    t = (count + 1).astype(jnp.float32)
+    bc1 = 1 - hp.b1**t
+    bc2 = 1 - hp.b2**t
+    delta = {}
+    for k, g in grads.items():
+        m = hp.b1 * mu[k] + (1 - hp.b1) * g
+        v = hp.b2 * nu[k] + (1 - hp.b2) * g * g
+        step = (m / bc1) / (jnp.sqrt(v / bc2) + hp.eps)
+        if hp.weight_decay and (hp.decay_norms or "norm" not in k):
+            step = step + hp.weight_decay * params[k].astype(jnp.float32)
+        delta[k] = -hp.lr * step
+    return delta
+
+
+def apply_delta(params: dict, delta: dict, param_dtype) -> dict:
+    """theta + delta on fp32 master weights, then held in ``param_dtype`` (bf16: the probe)."""
+    return {k: (params[k].astype(jnp.float32) + delta[k]).astype(param_dtype) for k in params}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference set: fixed-shape chunks, grouped by padded length
+
+
+@dataclasses.dataclass
+class RefSet:
+    """D_ref as a tuple of stacks, each [n_chunks, rows, T] for one padded length T."""
+
+    groups: tuple  # of dicts tokens/positions/segment_ids/loss_mask
+    n_rows: int
+    n_tokens: int
+
+
+REF_BUCKET = 128  # reference rows pad to a multiple of this: little waste, few distinct shapes
+
+
+def make_ref_set(examples: Sequence[text.Example], rows_per_chunk: int, pad_id: int) -> RefSet:
+    from montessori_jax.sft import pad_rows, rows_from_examples
+
+    rows = rows_from_examples(examples)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    by_len: dict[int, list] = {}
+    for start in range(0, len(order), rows_per_chunk):
+        chunk = [rows[i] for i in order[start:start + rows_per_chunk]]
+        T = REF_BUCKET * math.ceil(max(len(r) for r in chunk) / REF_BUCKET)
+        by_len.setdefault(T, []).append(pad_rows(chunk, rows_per_chunk, T, pad_id))
+    groups = tuple({k: np.stack([c[k] for c in chunks]) for k in chunks[0]} for _, chunks in sorted(by_len.items()))
+    n_tokens = int(sum(e.loss_mask[1:].sum() for e in examples))
+    return RefSet(groups, len(examples), n_tokens)
+
+
+def ref_loss_sums(graphdef, params: dict, groups) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of the token NLL over all of D_ref, one chunk at a time."""
+
+    def chunk(carry, b):
+        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
+        s, c = mean_token_nll(logits, b["tokens"], b["loss_mask"])
+        return (carry[0] + s, carry[1] + c), None
+
+    total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    for g in groups:
+        total, _ = jax.lax.scan(chunk, total, g)
+    return total
+
+
+def example_grads(graphdef, params: dict, ex: dict) -> dict:
+    """Gradient of z's token-mean loss (a batch of one, as a one-example training step)."""
+
+    def loss(p):
+        logits = model_lib.apply(graphdef, p, ex["tokens"][None], ex["positions"][None], ex["segment_ids"][None])
+        s, c = mean_token_nll(logits, ex["tokens"][None], ex["loss_mask"][None])
+        return s / jnp.maximum(c, 1.0)
+
+    return jax.grad(loss)(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled programs
+
+
+def make_exact(graphdef, hp: AdamHP, param_dtype=jnp.float32):
+    """jit(params, mu, nu, count, probes [B, T], ref groups) -> (L_ref after [B], unchanged [B]).
+
+    ``unchanged``: the fraction of weights the step left bit-identical (the bf16 probe).
+    """
+
+    def one(params, mu, nu, count, ex, groups):
+        grads = example_grads(graphdef, params, ex)
+        delta = adamw_update(params, grads, mu, nu, count, hp)
+        new = apply_delta(params, delta, param_dtype)
+        s, c = ref_loss_sums(graphdef, new, groups)
+        same = sum(jnp.sum(new[k] == params[k].astype(param_dtype)) for k in params)
+        total = sum(v.size for v in params.values())
+        return s / c, same / total
+
+    batched = jax.vmap(one, in_axes=(None, None, None, None, 0, None))
+    return jax.jit(batched)
+
+
+def make_baseline(graphdef, param_dtype=jnp.float32):
+    """jit(params, ref groups) -> L_ref(theta) (params held in ``param_dtype``)."""
+
+    def base(params, groups):
+        s, c = ref_loss_sums(graphdef, {k: v.astype(param_dtype) for k, v in params.items()}, groups)
+        return s / c
+
+    return jax.jit(base)
+
+
+def make_ref_grad(graphdef):
+    """jit(params, ref groups) -> (L_ref, grad L_ref), the gradient streamed chunk by chunk."""
+
+    def f(params, groups):
+        (s, c), g = _sum_and_grad(graphdef, params, groups)
+        return s / c, jax.tree.map(lambda x: x / c, g)
+
+    return jax.jit(f)
+
+
+def _sum_and_grad(graphdef, params, groups):
+    """((sum, count), grad of sum): one backward per chunk, accumulated in the scan carry."""
+
+    def chunk(carry, b):
+        def loss(p):
+            logits = model_lib.apply(graphdef, p, b["tokens"], b["positions"], b["segment_ids"])
+            return mean_token_nll(logits, b["tokens"], b["loss_mask"])
+
+        (s, c), g = jax.value_and_grad(loss, has_aux=True)(params)
+        s_acc, c_acc, g_acc = carry
+        return (s_acc + s, c_acc + c, jax.tree.map(jnp.add, g_acc, g)), None
+
+    carry = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params))
+    for g in groups:
+        carry, _ = jax.lax.scan(chunk, carry, g)
+    s, c, grad = carry
+    return (s, c), grad
+
+
+def make_first_order(graphdef, hp: AdamHP):
+    """jit(params, mu, nu, count, probes [B, T], g_ref) -> predicted influence [B]."""
+
+    def one(params, mu, nu, count, ex, g_ref):
+        grads = example_grads(graphdef, params, ex)
+        delta = adamw_update(params, grads, mu, nu, count, hp)
+        return -sum(jnp.vdot(g_ref[k], delta[k]) for k in params)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0, None)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between the estimators
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x), np.float64)
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # average ties
+            tie = x == v
+            if tie.sum() > 1:
+                r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom else float("nan")
+
+
+def agreement(exact: np.ndarray, approx: np.ndarray, tail: float = 0.1) -> dict:
+    """Spearman, sign agreement, and the overlap of the top and bottom ``tail`` fractions."""
+    exact, approx = np.asarray(exact, np.float64), np.asarray(approx, np.float64)
+    k = max(1, int(round(tail * len(exact))))
+    top = len(set(np.argsort(-exact)[:k]) & set(np.argsort(-approx)[:k])) / k
+    bottom = len(set(np.argsort(exact)[:k]) & set(np.argsort(approx)[:k])) / k
+    return {"n": int(len(exact)), "spearman": spearman(exact, approx),
+            "sign_agreement": float(np.mean(np.sign(exact) == np.sign(approx))),
+            f"top_{int(tail * 100)}pct_overlap": top, f"bottom_{int(tail * 100)}pct_overlap": bottom,
+            "max_abs_diff": float(np.abs(exact - approx).max()) if len(exact) else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: how many probing examples per program
+
+
+def device_memory_bytes() -> int:
+    dev = jax.devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    except Exception:  # CPU devices have no memory stats
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int, ref_len: int) -> int:
+    """A rough upper estimate of one vmapped example's working memory in the exact program:
+    fp32 gradient, update and new params plus Adam temporaries (~5 copies of the params), the
+    example's activations for its backward pass, and one reference chunk's forward."""
+    n_params = cfg.num_params()
+    d, f, v, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
+    act = probe_len * (L * (8 * d + 3 * f) + 2 * v) * 4
+    ref = ref_rows * ref_len * (8 * d + 3 * f + 2 * v) * 4
+    return 5 * n_params * 4 + act + ref
+
+
+def choose_batch(cfg, n_probe, probe_len, ref_rows, ref_len, fraction) -> tuple[int, dict]:
+    total = device_memory_bytes()
+    shared = 4 * cfg.num_params() * 4  # params, mu, nu, and the fp32 baseline copy
+    per = per_example_bytes(cfg, probe_len, ref_rows, ref_len)
+    avail = max(fraction * total - shared, per)
+    b = max(1, min(int(avail // per), n_probe, 256))
+    b = 1 << (b.bit_length() - 1)  # a power of two: few distinct programs across runs
+    return b, {"device_bytes": total, "per_example_bytes": per, "shared_bytes": shared, "batch_size": b}

@@ -1,0 +1,260 @@
+"""``montessori influence``: the warm state in, a scores JSONL + summary + histogram out.
+
+Resumable by chunk: each chunk's rows are appended (and flushed) as soon as they are computed;
+a rerun skips the ids already scored and repairs a line cut by a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from montessori_jax import influence as inf
+from montessori_jax import model as model_lib
+from montessori_jax import optim, text
+from montessori_jax.config import Config, InfluenceConfig, OptimConfig
+from montessori_jax.errors import UserError
+
+PACKAGED_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference.jsonl")
+
+
+def read_warm_state(path: str) -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, "warm_state.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no warm state (run `montessori sft` first; it writes warm_state.json)")
+    try:
+        with open(path) as f:
+            warm = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("checkpoint", "step", "total_steps", "lr", "model", "schedule") if k not in warm]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}")
+    return warm
+
+
+@dataclasses.dataclass
+class WarmStudent:
+    """The student's warm state, read once: params and AdamW moments as pytrees."""
+
+    graphdef: object
+    params: dict
+    mu: dict
+    nu: dict
+    count: jax.Array
+    cfg: model_lib.LlamaConfig
+    tok: object
+    warm: dict
+
+
+def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
+    from montessori_jax import sft, weights
+    from montessori_jax.checkpoint import Checkpoints
+
+    model = weights.load_model(warm["model"], warm.get("param_dtype", "float32"), warm.get("dtype", "float32"),
+                               mesh, rules)
+    cfg = model.cfg
+    graphdef, params = model_lib.split_params(model)
+    del model
+    tx = optim.adamw(OptimConfig(**warm["schedule"]), warm["total_steps"])
+    like = sft.init_state(params, tx)
+    ckpts = Checkpoints(warm["checkpoint"])
+    try:
+        state, _ = ckpts.restore(like, step=warm["step"])
+    finally:
+        ckpts.close()
+    mu, nu, count = optim.adam_moments(state["opt_state"])
+    return WarmStudent(graphdef, state["params"], mu, nu, count, cfg, text.load_tokenizer(warm["model"]), warm)
+
+
+def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Example]:
+    from montessori_jax.sft import encode_pairs
+
+    scfg = dataclasses.replace(Config().sft, system=icfg.system, max_len=max_len)
+    return encode_pairs(tok, pairs, scfg)
+
+
+def _done_ids(path: str) -> set:
+    """Ids already scored; a last line cut by a kill is removed."""
+    done, good = set(), []
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n"):
+                done.add(json.dumps(row["id"]))
+                good.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(good)
+    os.replace(path + ".tmp", path)
+    return done
+
+
+def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
+    from montessori_jax import pairs as pairs_lib
+    from montessori_jax import sharding
+
+    icfg = cfg.influence
+    if not icfg.warm_state:
+        raise UserError("influence.warm_state is not set (the warm_state.json of `montessori sft`)")
+    if not icfg.probe:
+        raise UserError("influence.probe is not set (the probing set JSONL)")
+    warm = read_warm_state(icfg.warm_state)
+    probe_pairs = pairs_lib.load_pairs(icfg.probe, prompt_field=icfg.prompt_field, response_field=icfg.response_field)
+    ref_path = icfg.reference or PACKAGED_REFERENCE
+    ref_pairs = pairs_lib.load_pairs(ref_path)
+
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    os.makedirs(out_dir, exist_ok=True)
+    scores_path = os.path.join(out_dir, "scores.jsonl")
+    done = _done_ids(scores_path)
+
+    with jax.set_mesh(mesh):
+        student = load_warm_student(warm, mesh, rules)
+        tok = student.tok
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
+        ref = inf.make_ref_set(_examples(tok, ref_pairs, icfg, icfg.ref_max_len), icfg.ref_batch_size, pad_id)
+        ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
+        todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
+
+        hp = inf.AdamHP.from_warm_state(warm, icfg.lr)
+        p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
+        ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
+        probe_len = text.bucket_length(max(len(e) for e in probe))
+        B, mem = (icfg.batch_size, None) if icfg.batch_size else inf.choose_batch(
+            student.cfg, len(probe), probe_len, icfg.ref_batch_size, ref_len, icfg.memory_fraction)
+        if mem and progress:
+            print(f"influence: {B} probing examples per program (estimated "
+                  f"{mem['per_example_bytes'] / 2**30:.2f} GiB each, {mem['device_bytes'] / 2**30:.0f} GiB device)")
+
+        want_exact = icfg.estimator in ("exact", "both")
+        want_fo = icfg.estimator in ("first_order", "both")
+        sp = student.params
+        baseline = float(inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups))
+        exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
+        check_fp32 = want_exact and icfg.param_dtype != "float32"
+        exact32 = inf.make_exact(student.graphdef, hp) if check_fp32 else None
+        baseline32 = float(inf.make_baseline(student.graphdef)(sp, ref.groups)) if check_fp32 else None
+        g_ref = None
+        if want_fo:
+            _, g_ref = inf.make_ref_grad(student.graphdef)(sp, ref.groups)
+        fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
+
+        t_start, n_done = time.perf_counter(), 0
+        bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
+        sub = [probe[i] for i in todo]
+        with open(scores_path, "a") as out:
+            for k, (idx, batch) in enumerate(text.batches(sub, B, pad_id=pad_id)):
+                prof = jax.profiler.trace(profile_dir) if (profile_dir and k == 0) else contextlib.nullcontext()
+                with prof:
+                    cols = {}
+                    if want_exact:
+                        after, unchanged = jax.device_get(exact_fn(sp, student.mu, student.nu, student.count,
+                                                                   batch, ref.groups))
+                        cols["after"], cols["unchanged"] = after, unchanged
+                    if check_fp32:
+                        cols["after32"] = jax.device_get(exact32(sp, student.mu, student.nu, student.count,
+                                                                 batch, ref.groups))[0]
+                    if want_fo:
+                        cols["pred"] = jax.device_get(fo_fn(sp, student.mu, student.nu, student.count, batch, g_ref))
+                for j, local in enumerate(idx):
+                    i = todo[local]
+                    row = {"id": ids[i], "seed_prompt": probe_pairs[i].row.get("seed_prompt")}
+                    if want_exact:
+                        row.update(influence=baseline - float(cols["after"][j]), ref_loss_after=float(cols["after"][j]),
+                                   estimator="exact")
+                        if icfg.param_dtype != "float32":
+                            row.update(param_dtype=icfg.param_dtype, unchanged_fraction=float(cols["unchanged"][j]),
+                                       influence_fp32=baseline32 - float(cols["after32"][j]))
+                    if want_fo:
+                        fo = float(cols["pred"][j])
+                        if want_exact:
+                            row.update(influence_first_order=fo, estimator="both")
+                        else:
+                            row.update(influence=fo, ref_loss_predicted=baseline - fo, estimator="first_order")
+                    out.write(json.dumps(row) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                n_done += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(ex_s=f"{n_done / (time.perf_counter() - t_start):.2f}")
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+
+    summary = summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_done)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_histogram(scores_path, os.path.join(out_dir, "influence_hist.png"))
+    return summary
+
+
+def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> dict:
+    rows = [json.loads(line) for line in open(scores_path)]
+    infl = np.array([r["influence"] for r in rows], np.float64)
+    s = {
+        "n": len(rows),
+        "estimator": icfg.estimator,
+        "param_dtype": icfg.param_dtype,
+        "baseline_ref_loss": baseline,
+        "reference": {"rows": ref.n_rows, "tokens": ref.n_tokens},
+        "lr": hp.lr,
+        "warm_step": warm["step"],
+        "positive": int((infl > 0).sum()),
+        "negative": int((infl < 0).sum()),
+        "zero": int((infl == 0).sum()),
+        "quantiles": {str(q): float(np.quantile(infl, q)) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)} if len(infl) else {},
+        "batch_size": B,
+        "seconds_this_run": elapsed,
+        "examples_per_s_this_run": n_new / elapsed if elapsed > 0 and n_new else None,
+    }
+    if icfg.estimator == "both":
+        s["agreement"] = inf.agreement(infl, np.array([r["influence_first_order"] for r in rows]))
+    if icfg.param_dtype != "float32" and rows and "unchanged_fraction" in rows[0]:
+        fp32 = np.array([r["influence_fp32"] for r in rows])
+        s["precision_probe"] = {
+            "unchanged_fraction_mean": float(np.mean([r["unchanged_fraction"] for r in rows])),
+            "sign_agreement_with_fp32": float(np.mean(np.sign(infl) == np.sign(fp32))),
+            "spearman_with_fp32": inf.spearman(infl, fp32),
+        }
+    return s
+
+
+def plot_histogram(scores_path: str, png_path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(scores_path)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist([r["influence"] for r in rows], bins=min(40, max(5, len(rows) // 2)), alpha=0.8, label="influence")
+    if "influence_first_order" in rows[0]:
+        ax.hist([r["influence_first_order"] for r in rows], bins=min(40, max(5, len(rows) // 2)), alpha=0.5,
+                label="first-order")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("L_ref(before) - L_ref(after)   (> 0: the example helps)")
+    ax.set_ylabel("probing examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
