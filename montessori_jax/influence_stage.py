@@ -145,11 +145,13 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         want_exact = icfg.estimator in ("exact", "both")
         want_fo = icfg.estimator in ("first_order", "both")
         sp = student.params
-        baseline = float(inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups))
+        baseline, base_nll = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+        baseline = float(baseline)
         exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
-        exact32 = inf.make_exact(student.graphdef, hp) if check_fp32 else None
-        baseline32 = float(inf.make_baseline(student.graphdef)(sp, ref.groups)) if check_fp32 else None
+        if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
+            exact32 = inf.make_exact(student.graphdef, hp)
+            _, base_nll32 = inf.make_baseline(student.graphdef)(sp, ref.groups)
         g_ref = None
         if want_fo:
             _, g_ref = inf.make_ref_grad(student.graphdef)(sp, ref.groups)
@@ -164,23 +166,23 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                 with prof:
                     cols = {}
                     if want_exact:
-                        after, unchanged = jax.device_get(exact_fn(sp, student.mu, student.nu, student.count,
-                                                                   batch, ref.groups))
-                        cols["after"], cols["unchanged"] = after, unchanged
+                        drop, unchanged = jax.device_get(exact_fn(sp, student.mu, student.nu, student.count,
+                                                                  batch, ref.groups, base_nll, hp.lr))
+                        cols["drop"], cols["unchanged"] = drop, unchanged
                     if check_fp32:
-                        cols["after32"] = jax.device_get(exact32(sp, student.mu, student.nu, student.count,
-                                                                 batch, ref.groups))[0]
+                        cols["drop32"] = jax.device_get(exact32(sp, student.mu, student.nu, student.count,
+                                                                batch, ref.groups, base_nll32, hp.lr))[0]
                     if want_fo:
-                        cols["pred"] = jax.device_get(fo_fn(sp, student.mu, student.nu, student.count, batch, g_ref))
+                        cols["pred"] = jax.device_get(fo_fn(sp, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
                 for j, local in enumerate(idx):
                     i = todo[local]
                     row = {"id": ids[i], "seed_prompt": probe_pairs[i].row.get("seed_prompt")}
                     if want_exact:
-                        row.update(influence=baseline - float(cols["after"][j]), ref_loss_after=float(cols["after"][j]),
-                                   estimator="exact")
-                        if icfg.param_dtype != "float32":
+                        drop = float(cols["drop"][j])
+                        row.update(influence=drop, ref_loss_after=baseline - drop, estimator="exact")
+                        if check_fp32:
                             row.update(param_dtype=icfg.param_dtype, unchanged_fraction=float(cols["unchanged"][j]),
-                                       influence_fp32=baseline32 - float(cols["after32"][j]))
+                                       influence_fp32=float(cols["drop32"][j]))
                     if want_fo:
                         fo = float(cols["pred"][j])
                         if want_exact:

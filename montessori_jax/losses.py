@@ -13,14 +13,19 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Arr
     ``loss_mask_BT[b, t]`` is True when token t is a target (predicted from tokens < t), so
     position t-1's logits score token t. Returns (nll_sum_B, count_B) in fp32.
     """
-    logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-    targets_BT = tokens_BT[:, 1:]
-    logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
-    return -(logp_BT * mask_BT).sum(-1), mask_BT.sum(-1)
+    nll_BT, mask_BT = token_nll_per_position(logits_BTV, tokens_BT, loss_mask_BT)
+    return nll_BT.sum(-1), mask_BT.sum(-1)
 
 
 def mean_token_nll(logits_BTV, tokens_BT, loss_mask_BT):
     """(sum, count) over the whole batch."""
     s, c = token_nll(logits_BTV, tokens_BT, loss_mask_BT)
     return s.sum(), c.sum()
+
+
+def token_nll_per_position(logits_BTV: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Array):
+    """Per-target NLL [B, T-1] in fp32 (0 where the mask is off), and the mask as fp32."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+    return -logp_BT * mask_BT, mask_BT
