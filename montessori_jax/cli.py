@@ -96,8 +96,51 @@ def _add_sft(sub) -> None:
     p.set_defaults(func=cmd_sft)
 
 
+def cmd_influence(args) -> int:
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.influence_stage import run_influence
+
+    overrides = list(args.overrides)
+    if args.estimator:
+        overrides.append(f"influence.estimator={args.estimator}")
+    if args.param_dtype:
+        overrides.append(f"influence.param_dtype={args.param_dtype}")
+    cfg = load_config(Config, args.config, overrides)
+    s = run_influence(cfg, args.out, profile_dir=args.profile)
+    print(f"influence ({s['estimator']}, {s['param_dtype']}): {s['n']} probing examples, "
+          f"{s['positive']} lower L_ref (help), {s['negative']} raise it; baseline L_ref {s['baseline_ref_loss']:.5f}")
+    if "agreement" in s:
+        a = s["agreement"]
+        print(f"first-order vs exact: Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.1%}")
+    if "precision_probe" in s:
+        p = s["precision_probe"]
+        print(f"bf16 params: {p['unchanged_fraction_mean']:.2%} of weights unchanged by the step; "
+              f"sign agreement with fp32 {p['sign_agreement_with_fp32']:.1%}")
+    print(f"scores: {os.path.join(args.out, 'scores.jsonl')}; summary.json and influence_hist.png beside it")
+    return 0
+
+
+def _add_influence(sub) -> None:
+    p = sub.add_parser(
+        "influence",
+        help="local data influence of each probing example on the student's reference loss",
+        description="For each probing example z: one AdamW step on z alone from the warm state "
+        "of `montessori sft` (influence.warm_state), influence = L_ref(before) - L_ref(after) on "
+        "the reference set (influence.reference; the packaged one by default). Exact estimator: "
+        "examples batched with vmap in one compiled program; first-order: -<grad L_ref, update>. "
+        "Rerun on OUT to resume.",
+    )
+    _stage_args(p)
+    p.add_argument("--estimator", choices=["exact", "first_order", "both"], default=None,
+                   help="overrides influence.estimator; `both` adds an agreement report")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="bfloat16: the precision probe (params held in bf16, as the original code does)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of the first chunk")
+    p.set_defaults(func=cmd_influence)
+
+
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_config, _add_sft]
+COMMANDS = [_add_score, _add_config, _add_sft, _add_influence]
 
 
 def build_parser() -> argparse.ArgumentParser:
