@@ -1,0 +1,108 @@
+"""`montessori influence` as a stage: outputs, resume after a kill, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from montessori_jax.cli import main
+from montessori_jax.config import Config, load_config
+from montessori_jax.errors import UserError
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+WORDS = "the cat sat on the mat a dog ran in the park sun is warm today".split()
+
+
+def _rows(n, seed):
+    rng = np.random.RandomState(seed)
+    return [{"id": f"p{seed}-{i}", "seed_prompt": f"prompt {i % 3}",
+             "instruction": " ".join(rng.choice(WORDS, rng.randint(2, 8))),
+             "response": " ".join(rng.choice(WORDS, rng.randint(2, 14)))} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_checkpoint, tmp_path_factory):
+    from montessori_jax.sft import run_sft
+
+    folder, _ = tiny_checkpoint
+    d = tmp_path_factory.mktemp("inf_stage")
+    data = _write(d / "warmup.jsonl", _rows(8, 0))
+    cfg = load_config(Config, None, [f"student.path={folder}", f"sft.data={data}", "sft.batch_size=4",
+                                     "sft.export=false", "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=1.0",
+                                     "sft.optim.stable_ratio=0.0", "sft.optim.decay_ratio=0.0"])
+    run_sft(cfg, str(d / "sft"), progress=False)
+    probe = _write(d / "probe.jsonl", _rows(10, 1))
+    ref = _write(d / "ref.jsonl", _rows(6, 2))
+    return d, str(d / "sft"), probe, ref
+
+
+def _args(warm_dir, probe, ref, *extra):
+    return [f"influence.warm_state={warm_dir}", f"influence.probe={probe}", f"influence.reference={ref}",
+            "influence.batch_size=2", *extra]
+
+
+def _scores(path):
+    return {r["id"]: r for r in map(json.loads, open(path))}
+
+
+def test_cli_outputs_and_summary(warm, capsys):
+    d, warm_dir, probe, ref = warm
+    out = d / "both"
+    assert main(["influence", "--out", str(out), "--estimator", "both", *_args(warm_dir, probe, ref)]) == 0
+    assert "first-order vs exact: Spearman" in capsys.readouterr().out
+    rows = _scores(out / "scores.jsonl")
+    assert len(rows) == 10 and rows["p1-3"]["seed_prompt"] == "prompt 0"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["positive"] + summary["negative"] + summary["zero"] == 10
+    assert summary["lr"] == pytest.approx(1e-3)  # the warm-up's last lr (all warmup: the peak)
+    assert summary["agreement"]["n"] == 10
+    infl = np.array([r["influence"] for r in rows.values()])
+    assert np.all(np.abs(infl) > 0)
+    assert (out / "influence_hist.png").stat().st_size > 1000
+    for r in rows.values():
+        assert r["ref_loss_after"] == pytest.approx(summary["baseline_ref_loss"] - r["influence"], abs=1e-6)
+
+
+def test_resume_after_kill_gives_the_same_scores(warm):
+    d, warm_dir, probe, ref = warm
+    full = d / "full"
+    assert main(["influence", "--out", str(full), *_args(warm_dir, probe, ref)]) == 0
+
+    cut = d / "cut"
+    env = dict(os.environ)  # the same 8 devices and mesh as the runs in this process
+    cmd = [sys.executable, "-m", "montessori_jax.cli", "influence", "--out", str(cut), *_args(warm_dir, probe, ref)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    scores = cut / "scores.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (scores.exists() and scores.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = scores.read_text().count("\n")
+    assert 2 <= n_before < 10, "killed part way"
+    with open(scores, "a") as f:
+        f.write('{"id": "p1-9", "influ')  # a line cut by the kill
+    assert main(["influence", "--out", str(cut), *_args(warm_dir, probe, ref)]) == 0
+    a, b = _scores(full / "scores.jsonl"), _scores(scores)
+    assert len(open(scores).read().splitlines()) == 10  # nothing lost or duplicated
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["influence"] == pytest.approx(b[k]["influence"], abs=1e-9), k
+
+
+def test_missing_warm_state_is_named(tmp_path):
+    cfg = load_config(Config, None, [f"influence.warm_state={tmp_path}", f"influence.probe={tmp_path}/p.jsonl"])
+    from montessori_jax.influence_stage import run_influence
+
+    with pytest.raises(UserError, match="warm_state.json: no warm state"):
+        run_influence(cfg, str(tmp_path / "out"))
