@@ -139,8 +139,55 @@ def _add_influence(sub) -> None:
     p.set_defaults(func=cmd_influence)
 
 
+def _bench_sft(args):
+    from montessori_jax import bench_sft
+
+    return bench_sft, bench_sft.bench_sft(model=args.model, batch=args.batch_size or 4, length=args.length,
+                                          steps=args.steps)
+
+
+def _bench_influence(args):
+    from montessori_jax import bench_influence
+
+    return bench_influence, bench_influence.bench_influence(
+        model=args.model, n_ref=args.ref_rows, n_probe=args.probes, n_original=args.original,
+        batch_size=args.batch_size)
+
+
+# what -> a function (args) -> (module with format_table and write_json, result dict)
+BENCHES = {"sft": _bench_sft, "influence": _bench_influence}
+
+
+def cmd_bench(args) -> int:
+    module, result = BENCHES[args.what](args)
+    print(module.format_table(result))
+    if args.json:
+        module.write_json(result, args.json)
+        print(f"results: {args.json}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="side-by-side timings against the reference implementations",
+        description="Benchmarks that run ours and the reference side by side in one process and "
+        "print a table (and write JSON with the machine's description with --json).",
+    )
+    p.add_argument("what", choices=sorted(BENCHES), help="which stage to time")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results here")
+    p.add_argument("--batch-size", type=int, default=None, help="sft: examples per step; influence: B")
+    p.add_argument("--length", type=int, default=256, help="sft: tokens per row")
+    p.add_argument("--steps", type=int, default=5, help="sft: timed steps")
+    p.add_argument("--ref-rows", type=int, default=32, help="influence: D_ref rows")
+    p.add_argument("--probes", type=int, default=16, help="influence: probing examples")
+    p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
+    p.set_defaults(func=cmd_bench)
+
+
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_config, _add_sft, _add_influence]
+COMMANDS = [_add_score, _add_config, _add_sft, _add_influence, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
