@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
@@ -34,3 +36,51 @@ def make_mesh(shape: tuple[int, ...], names: tuple[str, ...], devices=None) -> j
     if devices is None:
         return jax.make_mesh(shape, names, axis_types=auto)
     return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+
+
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: str):
+    """A memory-mapped ``gguf.GGUFReader``, shared by the weights and the tokenizer (parsing a
+    large vocabulary's metadata takes seconds)."""
+    import gguf
+
+    return gguf.GGUFReader(path, "r")
+
+
+def gguf_tokenizer(path: str):
+    """A transformers fast tokenizer built from a GGUF file's metadata, without torch.
+
+    ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` reads the metadata with a reader
+    that imports torch (transformers 5.x), and the product does not install torch. We read
+    the same metadata with the ``gguf`` package and hand it to transformers' own (torch-free)
+    converter, mirroring its ``get_gguf_tokenizer``.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    reader = open_gguf(path)
+
+    def value(key):
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    grouped = {}
+    for group, renames in GGUF_TOKENIZER_MAPPING.items():
+        grouped[group] = {}
+        for key, name in renames.items():
+            v = value(f"tokenizer.{key}")
+            if v is not None:
+                grouped[group][name] = v
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece files add bos unless told
+        tokenizer_config.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = value(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokens[int(token_id)] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(value("general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

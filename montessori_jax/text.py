@@ -109,9 +109,9 @@ def _load_tokenizer_cached(path: str):
         if os.path.isdir(path):
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         else:
-            tok = AutoTokenizer.from_pretrained(
-                os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
-            )
+            from montessori_jax.compat import gguf_tokenizer
+
+            tok = gguf_tokenizer(path)
     except Exception as e:  # transformers raises many types for a bad file
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: cannot read tokenizer: {first_line}") from e

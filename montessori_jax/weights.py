@@ -335,8 +335,10 @@ def _gguf_source(path: str, param_dtype: str, dtype: str) -> _Source:
         import gguf
     except ImportError:  # not on every machine (e.g. a bare GPU node)
         raise UserError("reading GGUF needs the `gguf` package: pip install gguf") from None
+    from montessori_jax.compat import open_gguf
+
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = open_gguf(path)
     except Exception as e:  # the reader raises many kinds on a damaged file
         raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 

@@ -171,3 +171,37 @@ def test_batches_bucket_and_cover():
     assert again == [idx for idx, _ in out]
     plain = [idx for idx, _ in text.batches(examples, 4)]
     assert plain == [[9, 0, 5, 7], [2, 8, 4, 1], [6, 3]]
+
+
+def test_gguf_tokenizer_without_torch_equals_transformers(smol, smollm2_path):
+    """Ours reads GGUF metadata with the gguf package (the product installs no torch); it must
+    give transformers' own GGUF tokenizer, token for token."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(smollm2_path)
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = ["Hello world!", "  two  spaces\nnewline 12345 café ümlaut 🙂",
+             "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x**2  # comment"]
+    for s in texts:
+        assert smol(s).input_ids == ref(s).input_ids, s
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    assert smol.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (smol.bos_token, smol.eos_token, len(smol)) == (ref.bos_token, ref.eos_token, len(ref))
+
+
+def test_no_torch_needed_for_the_embedded_model(tmp_path):
+    """The README's main command installs no torch: score must work with torch unimportable."""
+    import subprocess
+    import sys
+
+    # as in a venv without torch: `import torch` fails and transformers finds no torch
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "Hi", "response": "Hello!"}\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "montessori_jax.cli", "score", "--model", "smollm2",
+                           "--input", str(inp), "--out", str(tmp_path / "o.jsonl")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"tokens": ' in (tmp_path / "o.jsonl").read_text()
