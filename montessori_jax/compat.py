@@ -83,4 +83,4 @@ def gguf_tokenizer(path: str):
         token_id = value(f"tokenizer.ggml.{key}")
         tokenizer_config[name] = tokens[int(token_id)] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(value("general.architecture"), tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra)
