@@ -310,8 +310,10 @@ def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int,
     example's activations for its backward pass, and one reference chunk's forward."""
     n_params = cfg.num_params()
     d, f, v, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
-    act = probe_len * (L * (8 * d + 3 * f) + 2 * v) * 4
-    ref = ref_rows * ref_len * (8 * d + 3 * f + 2 * v) * 4
+    # vocabulary-sized fp32 temporaries dominate: logits, log-softmax and its exp (forward);
+    # plus their gradients for the example's backward pass
+    act = probe_len * (L * (8 * d + 3 * f) + 5 * v) * 4
+    ref = ref_rows * ref_len * (8 * d + 3 * f + 4 * v) * 4
     return 5 * n_params * 4 + act + ref
 
 
