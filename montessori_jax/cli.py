@@ -139,6 +139,47 @@ def _add_influence(sub) -> None:
     p.set_defaults(func=cmd_influence)
 
 
+def cmd_generate(args) -> int:
+    from montessori_jax.sampling import SamplingParams, generate_jsonl
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            presence_penalty=args.presence_penalty, max_new_tokens=args.max_new_tokens,
+                            n=args.n, seed=args.seed)
+    s = generate_jsonl(args.model, args.out, params, prompt=args.prompt, input_path=args.input,
+                       batch_size=args.batch_size, chat_template=not args.no_chat_template)
+    print(f"generate: {s['written']} samples written ({s['skipped']} already there), {s['tokens']} tokens "
+          f"in {s['seconds']:.1f} s ({s['tokens_per_s']:.1f} tok/s), {s['compiled_programs']} compiled "
+          f"programs ({s['compile_seconds']:.1f} s of the time) -> {args.out}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample completions of prompts (jitted prefill + while-loop decode with a KV cache)",
+        description="Sample --n completions per prompt. Input rows have `prompt` (text) or chat "
+        "`messages`, and an optional `id`; output rows: id, sample, text, num_tokens, "
+        "finish_reason (stop or length), written per batch. Rerunning on a partial --out "
+        "continues without duplicating rows.",
+    )
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (its id is 0)")
+    src.add_argument("--input", help="JSONL rows with `prompt` or `messages`")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; rerun to continue)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logits of tokens already generated (as vLLM)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (prompts x samples)")
+    p.add_argument("--no-chat-template", action="store_true", help="encode `prompt` as plain text")
+    p.set_defaults(func=cmd_generate)
+
+
 def _bench_sft(args):
     from montessori_jax import bench_sft
 
@@ -154,8 +195,18 @@ def _bench_influence(args):
         batch_size=args.batch_size)
 
 
+def _bench_generate(args):
+    from montessori_jax import bench_generate
+
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    return bench_generate, bench_generate.bench_generate(
+        args.model, batch_sizes=sizes, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, repeats=args.repeats, transformers=not args.no_transformers,
+        random=args.random, dtype=args.dtype, prompt_len=args.length)
+
+
 # what -> a function (args) -> (module with format_table and write_json, result dict)
-BENCHES = {"sft": _bench_sft, "influence": _bench_influence}
+BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence}
 
 
 def cmd_bench(args) -> int:
@@ -178,16 +229,26 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results here")
     p.add_argument("--batch-size", type=int, default=None, help="sft: examples per step; influence: B")
-    p.add_argument("--length", type=int, default=256, help="sft: tokens per row")
+    p.add_argument("--length", type=int, default=256, help="sft: tokens per row; generate --random: prompt tokens")
     p.add_argument("--steps", type=int, default=5, help="sft: timed steps")
     p.add_argument("--ref-rows", type=int, default=32, help="influence: D_ref rows")
     p.add_argument("--probes", type=int, default=16, help="influence: probing examples")
     p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
+    p.add_argument("--batch-sizes", default="1,16", help="generate: comma-separated batch sizes")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per row (no early stop)")
+    p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="generate")
+    p.add_argument("--top-k", type=int, default=0, help="generate")
+    p.add_argument("--repeats", type=int, default=3, help="generate: timed runs per batch size (best kept)")
+    p.add_argument("--no-transformers", action="store_true", help="generate: time ours only")
+    p.add_argument("--random", default=None, metavar="PRESET",
+                   help="generate: a random-init model instead (tinyllama, llama3-8b, tiny); prompts of --length")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generate: params and compute")
     p.set_defaults(func=cmd_bench)
 
 
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_config, _add_sft, _add_influence, _add_bench]
+COMMANDS = [_add_score, _add_generate, _add_config, _add_sft, _add_influence, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
