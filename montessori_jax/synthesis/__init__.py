@@ -1,0 +1,46 @@
+"""Synthesis (step 1 of the method): seed pools, 8-shot instruction prompts, parsing and
+filters, fast ROUGE-L dedup, the teacher's responses, crash-safe records and splits.
+
+    from montessori_jax.synthesis import SynthesisConfig, synthesize
+    summary = synthesize(SynthesisConfig(num_instructions=200, splits={"warmup": 100, "probe": 100}),
+                         "runs/it0/synth", teacher="smollm2", seed=0)
+"""
+
+from montessori_jax.synthesis.config import GenerationConfig, SynthesisConfig, SynthesizeCommandConfig
+from montessori_jax.synthesis.filters import DROP_REASONS, InstructionFilter, Verdict, extract_instruction
+from montessori_jax.synthesis.prompts import DEFAULT_PREAMBLE, build_prompt
+from montessori_jax.synthesis.rouge import RougeLIndex, rouge_l
+from montessori_jax.synthesis.seeds import SeedTask, load_seed_pool, packaged_data_path
+from montessori_jax.synthesis.stage import (
+    Completion,
+    Generator,
+    TeacherGenerator,
+    command_config_class,
+    format_summary,
+    run_synthesize,
+    synthesize,
+)
+
+__all__ = [
+    "DEFAULT_PREAMBLE",
+    "DROP_REASONS",
+    "Completion",
+    "GenerationConfig",
+    "Generator",
+    "InstructionFilter",
+    "RougeLIndex",
+    "SeedTask",
+    "SynthesisConfig",
+    "SynthesizeCommandConfig",
+    "TeacherGenerator",
+    "Verdict",
+    "build_prompt",
+    "command_config_class",
+    "extract_instruction",
+    "format_summary",
+    "load_seed_pool",
+    "packaged_data_path",
+    "rouge_l",
+    "run_synthesize",
+    "synthesize",
+]
