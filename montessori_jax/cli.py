@@ -139,6 +139,29 @@ def _add_influence(sub) -> None:
     p.set_defaults(func=cmd_influence)
 
 
+def cmd_synthesize(args) -> int:
+    from montessori_jax.config import load_config
+    from montessori_jax.synthesis import command_config_class, format_summary, run_synthesize
+
+    cfg = load_config(command_config_class(), args.config, args.overrides)
+    print(format_summary(run_synthesize(cfg, args.out)))
+    return 0
+
+
+def _add_synthesize(sub) -> None:
+    p = sub.add_parser(
+        "synthesize",
+        help="the teacher writes instructions from 8-shot prompts and answers the kept ones",
+        description="Step 1 of the method: 8-shot instruction prompts from the seed pool "
+        "(synthesis.seed_pool; 6 seeds + 2 earlier instructions once 2 exist), n samples each, "
+        "parsing and filters (tag, length, blacklist, first character, ROUGE-L > 0.7), the "
+        "teacher's responses; OUT/records.jsonl, dropped.jsonl, summary.json and one file per "
+        "synthesis.splits entry. Rerun on OUT to resume.",
+    )
+    _stage_args(p)
+    p.set_defaults(func=cmd_synthesize)
+
+
 def cmd_generate(args) -> int:
     from montessori_jax.sampling import SamplingParams, generate_jsonl
 
@@ -205,8 +228,14 @@ def _bench_generate(args):
         random=args.random, dtype=args.dtype, prompt_len=args.length)
 
 
+def _bench_dedup(args):
+    from montessori_jax import bench_dedup
+
+    return bench_dedup, bench_dedup.bench_dedup(args.candidates, rouge_pairs=args.rouge_pairs)
+
+
 # what -> a function (args) -> (module with format_table and write_json, result dict)
-BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence}
+BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence, "dedup": _bench_dedup}
 
 
 def cmd_bench(args) -> int:
@@ -244,11 +273,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--random", default=None, metavar="PRESET",
                    help="generate: a random-init model instead (tinyllama, llama3-8b, tiny); prompts of --length")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generate: params and compute")
+    p.add_argument("--candidates", type=int, default=10_000, help="dedup: synthetic candidate instructions")
+    p.add_argument("--rouge-pairs", type=int, default=20_000,
+                   help="dedup: pairs rouge-score is timed on (extrapolated to all pairs)")
     p.set_defaults(func=cmd_bench)
 
 
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_generate, _add_config, _add_sft, _add_influence, _add_bench]
+COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -695,7 +695,7 @@ def test_end_to_end_tiny_random_model(tmp_path, tiny_teacher):
 
 @pytest.mark.slow
 def test_end_to_end_smollm2_two_prompts(tmp_path):
-    cfg = SynthesisConfig(num_instructions=None, max_prompts=2, prompts_per_round=2,
+    cfg = SynthesisConfig(num_instructions=None, max_prompts=2, prompts_per_round=2, instruction_prefix="<instruction>",
                           instruction_sampling=GenerationConfig(temperature=1.0, max_new_tokens=256),
                           response_sampling=GenerationConfig(temperature=0.6, max_new_tokens=256))
     out = str(tmp_path / "out")
@@ -704,4 +704,33 @@ def test_end_to_end_smollm2_two_prompts(tmp_path):
     assert summary["samples"] == 8 and summary["prompts"] == 2
     assert all(r["teacher"] == "smollm2" for r in records)
     assert all(r["response"].strip() for r in records)
-    assert all(d["raw_output"].strip() for d in dropped)
+    assert all(row["raw_output"].startswith("<instruction>") for row in records + dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_synthesize_reports_a_bad_seed_pool(tmp_path, capsys):
+    from montessori_jax.cli import main
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", ['{"instruction": "ok"}', '{"text": "no instruction"}'])
+    code = main(["synthesize", "--out", str(tmp_path / "o"), f"synthesis.seed_pool={pool}"])
+    assert code == 2
+    assert "pool.jsonl, line 2: no 'instruction' field" in capsys.readouterr().err
+    assert main(["synthesize", "--out", str(tmp_path / "o"), "synthesis.shots=0"]) == 2
+    assert "shots=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_bench_dedup(tmp_path, capsys):
+    from montessori_jax.cli import main
+
+    out = str(tmp_path / "dedup.json")
+    assert main(["bench", "dedup", "--candidates", "150", "--rouge-pairs", "200", "--json", out]) == 0
+    assert "ours (RougeLIndex)" in capsys.readouterr().out
+    result = json.load(open(out))
+    assert result["kept"] + result["dropped"] == 150 and result["kept"] > 0 and result["dropped"] > 0
+    assert result["score_mismatches"] == 0 and result["decision_mismatches"] == 0
+    n_seeds = result["settings"]["seed_pool"]
+    assert n_seeds * 150 < result["pairs"] < (n_seeds + 150) * 150  # every candidate met the growing pool
+    assert result["ours_s"] > 0 and result["rouge_score_s"] > 0 and "cpu_count" in result["machine"]

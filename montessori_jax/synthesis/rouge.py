@@ -27,6 +27,11 @@ How the pool check stays fast (``RougeLIndex.is_similar``; the candidate has ``m
 
 Only the decision "some entry scores above the threshold" is pruned; ``scores`` computes every
 exact score for tests and reports.
+
+Measured (``montessori bench dedup``, 2 AMD EPYC cores): 10,000 synthetic candidates against
+the growing pool (38.9M candidate/entry pairs) in 7.2 s; ``rouge-score`` scoring the same pairs
+would take about 5,700 s (147 us per pair, extrapolated from 20,000), ~800x longer, with 0
+score and 0 keep/drop mismatches on the pairs checked.
 """
 
 from __future__ import annotations
