@@ -140,10 +140,10 @@ def _add_influence(sub) -> None:
 
 
 def cmd_synthesize(args) -> int:
-    from montessori_jax.config import load_config
-    from montessori_jax.synthesis import command_config_class, format_summary, run_synthesize
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.synthesis import format_summary, run_synthesize
 
-    cfg = load_config(command_config_class(), args.config, args.overrides)
+    cfg = load_config(Config, args.config, args.overrides)
     print(format_summary(run_synthesize(cfg, args.out)))
     return 0
 

@@ -442,11 +442,13 @@ def test_stage_records_and_drop_counts(tmp_path):
     # the later rounds show 2 kept instructions among the 8 shots
     last = records[-1]["seed_prompt"]
     assert sum(s in [r["instruction"] for r in records] for s in shots_of(last)) == 2
-    # splits: contiguous slices in order
+    # splits: contiguous slices in order, a seed prompt's records never cut between two splits
     warm = [json.loads(line) for line in open(tmp_path / "out" / "warmup.jsonl")]
     probe = [json.loads(line) for line in open(tmp_path / "out" / "probe.jsonl")]
-    assert warm + probe == records and len(warm) == 10
-    assert summary["splits"]["probe"]["rows"] == 20
+    assert warm + probe == records
+    assert not {r["seed_prompt"] for r in warm} & {r["seed_prompt"] for r in probe}
+    cut = records_lib.split_bounds(30, {"warmup": 10, "probe": 20}, [r["seed_prompt"] for r in records])
+    assert len(warm) == cut["warmup"][1] >= 10 and summary["splits"]["probe"]["rows"] == len(probe)
 
 
 def test_stage_unused_samples_when_the_target_is_reached_mid_round(tmp_path):
@@ -481,12 +483,19 @@ def test_split_bounds(splits, bounds):
         records_lib.split_bounds(6, {"a": 3, "b": 4})
 
 
-def test_config_validation():
-    from montessori_jax.config import ConfigError, load_config
-    from montessori_jax.synthesis import SynthesizeCommandConfig
+def test_split_bounds_keep_groups_whole():
+    groups = list("aaabbbbccd")  # 10 records, 4 prompts
+    assert list(records_lib.split_bounds(10, {"w": 0.5, "p": 0.5}, groups).values()) == [(0, 7), (7, 10)]
+    assert list(records_lib.split_bounds(10, {"w": 3, "p": 4}, groups).values()) == [(0, 3), (3, 7)]
+    assert list(records_lib.split_bounds(10, {"w": 2, "p": 2}, groups).values()) == [(0, 3), (3, 7)]
+    assert list(records_lib.split_bounds(10, {"w": 0.05, "p": 0.05}, groups).values()) == [(0, 0), (0, 3)]
 
-    cfg = load_config(SynthesizeCommandConfig, None, ["synthesis.splits={warmup: 0.5, probe: 0.5}",
-                                                      "synthesis.instruction_sampling.temperature=0.8"])
+
+def test_config_validation():
+    from montessori_jax.config import Config, ConfigError, load_config
+
+    cfg = load_config(Config, None, ["synthesis.splits={warmup: 0.5, probe: 0.5}",
+                                      "synthesis.instruction_sampling.temperature=0.8"])
     assert cfg.synthesis.splits == {"warmup": 0.5, "probe": 0.5}
     assert cfg.synthesis.instruction_sampling.temperature == 0.8
     assert cfg.synthesis.instruction_sampling.top_p == 0.9
@@ -496,7 +505,7 @@ def test_config_validation():
                        ("synthesis.splits={a: 100}", "splits need 100"),
                        ("synthesis.response_sampling.top_p=0", "top_p")]:
         with pytest.raises(ConfigError, match=match):
-            load_config(SynthesizeCommandConfig, None, [bad])
+            load_config(Config, None, [bad])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ filters, fast ROUGE-L dedup, the teacher's responses, crash-safe records and spl
                          "runs/it0/synth", teacher="smollm2", seed=0)
 """
 
-from montessori_jax.synthesis.config import GenerationConfig, SynthesisConfig, SynthesizeCommandConfig
+from montessori_jax.config import GenerationConfig, SynthesisConfig
 from montessori_jax.synthesis.filters import DROP_REASONS, InstructionFilter, Verdict, extract_instruction
 from montessori_jax.synthesis.prompts import DEFAULT_PREAMBLE, build_prompt
 from montessori_jax.synthesis.rouge import RougeLIndex, rouge_l
@@ -15,7 +15,6 @@ from montessori_jax.synthesis.stage import (
     Completion,
     Generator,
     TeacherGenerator,
-    command_config_class,
     format_summary,
     run_synthesize,
     synthesize,
@@ -31,11 +30,9 @@ __all__ = [
     "RougeLIndex",
     "SeedTask",
     "SynthesisConfig",
-    "SynthesizeCommandConfig",
     "TeacherGenerator",
     "Verdict",
     "build_prompt",
-    "command_config_class",
     "extract_instruction",
     "format_summary",
     "load_seed_pool",

@@ -22,13 +22,11 @@ import re
 import string
 from collections.abc import Iterable, Sequence
 
+from montessori_jax.config import INSTRUCTION_BLACKLIST
 from montessori_jax.synthesis.rouge import RougeLIndex
 
 OPEN_TAG, CLOSE_TAG = "<instruction>", "</instruction>"
-BLACKLIST = (
-    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
-    "map", "maps", "draw", "draws", "plot", "plots", "go to",
-)
+BLACKLIST = INSTRUCTION_BLACKLIST
 DROP_REASONS = (
     "no_instruction_tag",
     "too_short",

@@ -148,12 +148,35 @@ class RunJournal:
         self.dropped.extend(dropped)
 
 
-def split_bounds(n: int, splits: Mapping[str, int | float]) -> dict[str, tuple[int, int]]:
+def split_bounds(n: int, splits: Mapping[str, int | float],
+                 groups: Sequence | None = None) -> dict[str, tuple[int, int]]:
     """Contiguous [start, end) ranges of ``n`` records for each named split, in order.
 
     Integers are counts; floats are fractions of ``n`` (cumulative, rounded, so fractions that
     sum to 1 cover every record). Raises UserError when the counts need more than ``n``.
+    With ``groups`` (one key per record, e.g. its seed prompt), a group is never cut: each
+    boundary moves forward to the end of the group it falls in, so a split may hold a few
+    records more than asked and the next one as many fewer.
     """
+    out = _raw_split_bounds(n, splits)
+    if groups is None:
+        return out
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} records")
+
+    def snap(b: int) -> int:
+        while 0 < b < n and groups[b] == groups[b - 1]:
+            b += 1
+        return b
+
+    snapped, start = {}, 0
+    for name, (_, end) in out.items():
+        end = max(start, snap(end))
+        snapped[name], start = (start, end), end
+    return snapped
+
+
+def _raw_split_bounds(n: int, splits: Mapping[str, int | float]) -> dict[str, tuple[int, int]]:
     out, start = {}, 0
     fractions = {isinstance(v, float) for v in splits.values()}
     if len(fractions) > 1:

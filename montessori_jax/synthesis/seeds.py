@@ -27,10 +27,11 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 
+from montessori_jax.config import SEED_FIELDS
 from montessori_jax.errors import UserError
 
 DEFAULT_POOL = "default"
-FIELDS = ("instruction", "input", "output", "instances")
+FIELDS = SEED_FIELDS
 
 
 def packaged_data_path(name: str) -> str:

@@ -245,7 +245,9 @@ def synthesize(
     summary = _summary(journal, cfg, out_dir, teacher_id, time.perf_counter() - t0)
     records_lib.write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     if cfg.splits:
-        bounds = records_lib.split_bounds(len(journal.records), cfg.splits)
+        # a seed prompt's samples stay in one split: DPO pairs them with each other
+        bounds = records_lib.split_bounds(len(journal.records), cfg.splits,
+                                          groups=[r["seed_prompt"] for r in journal.records])
         for name, (start, end) in bounds.items():
             path = journal.path(f"{name}.jsonl")
             records_lib.write_jsonl_atomic(path, journal.records[start:end])
@@ -327,19 +329,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def command_config_class() -> type:
-    """The config class ``montessori synthesize`` loads: the top-level ``Config`` once it has a
-    ``synthesis`` section, else ``SynthesizeCommandConfig`` (seed, teacher, synthesis)."""
-    from montessori_jax.config import Config
-    from montessori_jax.synthesis.config import SynthesizeCommandConfig
-
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config if "synthesis" in names else SynthesizeCommandConfig
-
-
 def run_synthesize(cfg, out_dir: str, *, progress: bool = True) -> dict:
-    """The stage from a whole config (``Config`` or ``SynthesizeCommandConfig``): its seed,
-    teacher and ``synthesis`` section."""
+    """The stage from a whole ``Config``: its seed, teacher and ``synthesis`` section."""
     return synthesize(cfg.synthesis, out_dir, teacher=cfg.teacher, seed=cfg.seed, progress=progress)
 
 
