@@ -129,6 +129,71 @@ class InfluenceConfig:
     memory_fraction: float = 0.5  # of device memory the automatic batch size may plan for
 
 
+@dataclasses.dataclass(frozen=True)
+class PreferencesConfig:
+    """Preference pairs within each seed prompt, from the probing examples' influence."""
+
+    scores: str = ""  # scores.jsonl of `montessori influence` (or its output folder)
+    probe: str = ""  # the synthesis records that were scored (with seed_prompt and raw_output)
+    score_field: str = "influence"  # the score column, e.g. influence_first_order
+    mode: Literal["all", "rank"] = "all"  # all: every influence > 0 against every < 0; rank: top against bottom
+    top_k: int = 1  # rank: the k best against the k worst samples of each prompt
+    min_margin: float = 0.0  # keep a pair when chosen - rejected influence >= this
+    max_pairs_per_prompt: int | None = None  # keep the largest margins; null: every pair
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.min_margin < 0:
+            raise ValueError(f"min_margin={self.min_margin} must be >= 0")
+        if self.max_pairs_per_prompt is not None and self.max_pairs_per_prompt < 1:
+            raise ValueError(f"max_pairs_per_prompt={self.max_pairs_per_prompt} must be >= 1 (null: no cap)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOOptimConfig(OptimConfig):
+    """The original DPO schedule: lr 1e-6, warmup-stable-decay 0.1 / 0.5 / 0.4 down to 1e-3 x lr.
+    (A class of its own so that overriding one key keeps these defaults for the others.)"""
+
+    lr: float = 1e-6
+    min_lr_ratio: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """DPO on the teacher: the seed prompt under its chat template, the raw outputs as answers.
+    Defaults are the original's (TRL sigmoid loss, beta 0.1, lr 1e-6 warmup-stable-decay)."""
+
+    pairs: str = ""  # pairs.jsonl of `montessori preferences` (or its output folder)
+    system: str | None = None  # the system prompt the teacher had while synthesizing (null: none)
+    loss: Literal["sigmoid"] = "sigmoid"
+    beta: float = 0.1
+    max_prompt_len: int = 128  # a longer prompt keeps its last tokens (TRL's keep_end)
+    max_len: int = 1024  # prompt + answer; a longer answer loses its end
+    batch_size: int = 2  # pairs per optimizer step
+    micro_batch_size: int | None = None  # pairs per accumulation step; null: batch_size
+    ref_batch_size: int = 8  # pairs per forward of the reference pass
+    epochs: int = 1
+    max_steps: int | None = None
+    optim: DPOOptimConfig = dataclasses.field(default_factory=DPOOptimConfig)
+    ref_cache: str | None = None  # folder of the reference log-prob cache; null: beside the pairs
+    log_every: int = 1  # steps between metrics brought to the host
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    export: bool = True  # write the trained teacher as an HF checkpoint at the end
+
+    def __post_init__(self):
+        mb = self.micro_batch_size or self.batch_size
+        if self.batch_size < 1 or self.batch_size % mb:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of micro_batch_size={mb}")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(f"need 0 < max_prompt_len ({self.max_prompt_len}) < max_len ({self.max_len})")
+        if self.ref_batch_size < 1:
+            raise ValueError(f"ref_batch_size={self.ref_batch_size} must be >= 1")
+
+
 # Schema defaults the synthesis stage shares (its filters and seed loader import them).
 INSTRUCTION_BLACKLIST = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
@@ -242,6 +307,8 @@ class Config:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     synthesis: SynthesisConfig = dataclasses.field(default_factory=SynthesisConfig)
     influence: InfluenceConfig = dataclasses.field(default_factory=InfluenceConfig)
+    preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
 
 # ---------------------------------------------------------------------------------------------
