@@ -297,6 +297,37 @@ class SynthesisConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of a student: reference-answer NLL on held-out pairs, answers to prompts."""
+
+    data: str = "default"  # held-out pairs (JSONL or HF dataset); "default": the packaged eval set
+    split: str = "train"  # the split of an HF dataset
+    prompt_field: str = "instruction"  # also read: `input` appended, or chat `messages`
+    response_field: str = "response"  # `output` is accepted when this field is absent
+    system: str | None = None  # a system prompt for every row (scoring and answers)
+    max_len: int = 1024  # longer pairs are truncated (and counted)
+    batch_size: int = 8  # pairs per scoring program
+    answers: bool = True  # generate answers to the prompts; false: NLL only
+    prompts: str | None = None  # JSONL of `prompt`, `messages` or `instruction` rows; null: the eval set's
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    answer_batch_size: int = 16  # rows the sampler decodes at once
+    reference: str | None = None  # D_ref the eval set must not repeat; null: influence.reference or the packaged one
+    seed_pool: str | None = None  # the seed pool it must not repeat; null: synthesis.seed_pool
+    on_overlap: Literal["warn", "error"] = "warn"  # when it repeats an instruction of either
+
+    def __post_init__(self):
+        for name in ("max_len", "batch_size", "max_new_tokens", "answer_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: the seed, both models, the mesh they are placed on, and each stage's section."""
 
@@ -309,6 +340,7 @@ class Config:
     influence: InfluenceConfig = dataclasses.field(default_factory=InfluenceConfig)
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
