@@ -328,19 +328,43 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`montessori run`: which arms of the paper's comparison, how many iterations, and the
+    size of the training set each student is trained on (the same for both arms)."""
+
+    arm: Literal["montessori", "self_instruct", "both"] = "montessori"
+    iterations: int = 1  # iteration k+1 starts from iteration k's student (and optimized teacher)
+    train_instructions: int = 64  # instructions in each student's training set
+    train_max_prompts: int | None = None  # the training synthesis' prompt budget; null: synthesis' rule
+    eval_base: bool = True  # also evaluate the initial student (iteration 0)
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations} must be >= 1")
+        if self.train_instructions < 1:
+            raise ValueError(f"train_instructions={self.train_instructions} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """One run: the seed, both models, the mesh they are placed on, and each stage's section."""
+    """One run: the seed, both models, the mesh they are placed on, and each stage's section.
+
+    ``warmup`` is the student's warm-up before influence (step 2), ``sft`` its training on the
+    synthesized set (step 5); ``montessori sft`` alone reads ``sft``.
+    """
 
     seed: int = 0
     teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    warmup: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(export=False))
     synthesis: SynthesisConfig = dataclasses.field(default_factory=SynthesisConfig)
     influence: InfluenceConfig = dataclasses.field(default_factory=InfluenceConfig)
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,8 +629,15 @@ def _convert_union(tp: Any, args: tuple, value: Any, path: str) -> Any:
     raise _WrongType(path, tp, value)
 
 
-def _build(cls: type, value: Any, path: str) -> Any:
-    """An instance of the dataclass ``cls`` from a mapping.
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type, value: Any, path: str, base: Any = None) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping; keys it lacks come from ``base``
+    (an instance) when given, else from the fields' defaults.
 
     A ``ValueError`` from ``__post_init__`` (a section's own cross-field check) becomes an
     error located at the section.
@@ -622,7 +653,18 @@ def _build(cls: type, value: Any, path: str) -> Any:
                 f"unknown key '{_join(path, str(key))}'; valid keys {level}: {', '.join(sorted(fields))}",
             )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(hints[name], value[name], _join(path, name)) for name in fields if name in value}
+    kwargs = {}
+    for name, f in fields.items():
+        default = getattr(base, name) if base is not None else _field_default(f)
+        if name not in value:
+            if base is not None:
+                kwargs[name] = default
+        elif dataclasses.is_dataclass(default) and isinstance(value[name], Mapping):
+            # a partly given section keeps the other values of its default instance (which
+            # may differ from its class's defaults, e.g. the responses' temperature 0.6)
+            kwargs[name] = _build(type(default), value[name], _join(path, name), base=default)
+        else:
+            kwargs[name] = _convert(hints[name], value[name], _join(path, name))
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in value:

@@ -336,3 +336,13 @@ def test_cli_config_prints_overrides_and_names_unknown_key(capsys):
     assert main(["config", "-c", PRESETS[0], "student.dtyp=bfloat16"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'student.dtyp'" in err and "dtype, param_dtype, path, remat" in err
+
+
+def test_partial_section_keeps_its_default_instance_values():
+    from montessori_jax.config import Config
+
+    cfg = load_config(Config, None, ["synthesis.response_sampling.max_new_tokens=64", "warmup.optim.lr=1e-5"])
+    assert cfg.synthesis.response_sampling.max_new_tokens == 64
+    assert cfg.synthesis.response_sampling.temperature == 0.6  # not GenerationConfig's 1.0
+    assert cfg.warmup.optim.lr == 1e-5 and cfg.warmup.export is False  # not SFTConfig's True
+    assert cfg.sft.export is True and cfg.dpo.optim.lr == 1e-6
