@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from montessori_jax import influence as inf
 from montessori_jax import model as model_lib
-from montessori_jax import optim, text
+from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, InfluenceConfig, OptimConfig
 from montessori_jax.errors import UserError
 
@@ -192,6 +192,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                     out.write(json.dumps(row) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
+                faults.point("influence.chunk")
                 n_done += len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(ex_s=f"{n_done / (time.perf_counter() - t_start):.2f}")

@@ -212,8 +212,10 @@ class Llama(nnx.Module):
 
         layer_params = {name: getattr(self, name)[...] for name in self.LAYER_PARAMS}
 
-        def block(x_BTD, layer):
-            p, kv = layer
+        def block(x_BTD, p, kv, layer):
+            """One decoder layer. kv: None, or the whole cache (k, v) [L, B, S, K, E] that this
+            layer writes its T new slots into, in place (it rides in the scan's carry, so the
+            decode loop never copies the cache)."""
             h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps, dt)
             q = jnp.einsum("BTD,DHE->BTHE", h_BTD, p["wq"].astype(dt))
             k = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wk"].astype(dt))
@@ -221,25 +223,32 @@ class Llama(nnx.Module):
             q = apply_rope(q, positions_BT, inv_freq)
             k = apply_rope(k, positions_BT, inv_freq)
             if kv is not None:
-                k_cache, v_cache = kv
-                k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-                v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-                new_kv = (k, v)
-                k, v = k.astype(dt), v.astype(dt)
-            else:
-                new_kv = None
+                k_all, v_all = kv
+                at = (layer, 0, cache_index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+                kv = (k_all, v_all)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
             attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
             x_BTD = x_BTD + jnp.einsum("BTHE,HED->BTD", attn, p["wo"].astype(dt))
             h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps, dt)
             gate = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_gate"].astype(dt))
             up = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_up"].astype(dt))
             x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
-            return x_BTD, new_kv
+            return x_BTD, kv
 
         if cfg.remat:
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-        kv_in = None if cache is None else (cache["k"], cache["v"])
-        x_BTD, kv_out = jax.lax.scan(block, x_BTD, (layer_params, kv_in))
+
+        def scan_body(carry, xs):
+            x_BTD, kv = carry
+            p, layer = xs
+            x_BTD, kv = block(x_BTD, p, kv, layer)
+            return (x_BTD, kv), None
+
+        kv = None if cache is None else (cache["k"], cache["v"])
+        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers)))
 
         h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_eps, dt)
         if return_hidden:
@@ -249,7 +258,7 @@ class Llama(nnx.Module):
             out = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV.astype(dt)).astype(jnp.float32)
         if cache is None:
             return out
-        return out, {"k": kv_out[0], "v": kv_out[1], "valid": valid_BS}
+        return out, {"k": kv[0], "v": kv[1], "valid": valid_BS}
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, n_kv_heads: int) -> jax.Array:

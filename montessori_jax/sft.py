@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from montessori_jax import model as model_lib
-from montessori_jax import optim, text
+from montessori_jax import faults, optim, text
 from montessori_jax.checkpoint import Checkpoints
 from montessori_jax.config import Config, SFTConfig
 from montessori_jax.errors import UserError
@@ -269,6 +269,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
             if step % scfg.save_every == 0 or step == total:
                 log.flush()
                 ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+                faults.point("sft.checkpoint")
             bar.update(1)
     bar.close()
     ckpts.close()

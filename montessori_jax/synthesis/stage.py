@@ -37,6 +37,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from montessori_jax import faults
 from montessori_jax.config import ModelConfig
 from montessori_jax.errors import UserError
 from montessori_jax.synthesis import prompts as prompts_lib
@@ -236,6 +237,7 @@ def synthesize(
              "samples": len(indices) * n, "kept": len(rows), "drops": drops, "unused": unused},
             rows, dropped,
         )
+        faults.point("synthesize.round")
         kept.extend(r["instruction"] for r in rows)
         next_prompt = indices[-1] + 1
         bar.update(len(rows) if target else len(indices))
