@@ -162,6 +162,47 @@ def _add_synthesize(sub) -> None:
     p.set_defaults(func=cmd_synthesize)
 
 
+def cmd_eval(args) -> int:
+    import warnings
+
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.eval import EvalOverlapWarning, format_table, parse_models, run_eval
+
+    cfg = load_config(Config, args.config, args.overrides)
+    models = parse_models(args.model) if args.model else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EvalOverlapWarning)
+        s = run_eval(cfg, args.out, models)
+    for w in caught:
+        if issubclass(w.category, EvalOverlapWarning):
+            print(f"montessori: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(f"eval: {s['rows']} reference answers from {s['data']}"
+          + (f"; answers to {s['answer_prompts']} prompts" if s["answer_prompts"] else ""))
+    print(format_table(s["table"]))
+    print(f"results: {os.path.join(args.out, 'summary.json')} (summary.png, nll_*.json, answers_*.jsonl beside it)")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="reference-answer NLL of the student(s) on held-out prompts, and their answers",
+        description="For each model (--model NAME=PATH, repeatable; default: student.path): the "
+        "token-mean NLL (and perplexity) of the reference answers of eval.data (the packaged "
+        "held-out set by default) under the model's chat template, and its answers to "
+        "eval.prompts (default: the eval set's instructions; greedy unless eval.temperature > 0) "
+        "as JSONL. The eval set is checked against D_ref and the seed pool: a repeated "
+        "instruction is a warning, or an error with eval.on_overlap=error. Prints a table; "
+        "rerun on OUT to resume.",
+    )
+    _stage_args(p)
+    p.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
+                   help="a model to evaluate (repeatable); PATH: " + MODEL_HELP)
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_generate(args) -> int:
     from montessori_jax.sampling import SamplingParams, generate_jsonl
 
@@ -280,7 +321,8 @@ def _add_bench(sub) -> None:
 
 
 # Each entry adds one subcommand; later stages append theirs.
-COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_bench]
+COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
+            _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,569 @@
+"""The eval stage: how well each student answers held-out prompts.
+
+    from montessori_jax.eval import run_eval
+    summary = run_eval(cfg, "runs/r/it1/montessori/eval", {"student": "runs/r/it1/montessori/train/model"})
+
+For every model (name -> path):
+
+- the reference-answer NLL: the token mean of the NLL of each reference answer's tokens (and
+  its end-of-turn token) given its prompt under the model's chat template, over the whole eval
+  set (``ref_nll``), the mean of the rows' own token means (``example_nll``), and the
+  perplexity ``exp(ref_nll)``;
+- its answers to a prompt file (the eval set's instructions by default), greedy unless
+  ``eval.temperature`` > 0, as the JSONL rows of ``montessori generate``.
+
+Before anything runs, the eval set (and a separate prompt file) is checked against D_ref (the
+reference set influence measures against) and the seed pool: a row whose instruction equals
+one of theirs after lowercasing and collapsing whitespace is not held out. ``on_overlap="warn"``
+emits an ``EvalOverlapWarning`` and records the rows in the summary; ``"error"`` raises a
+``UserError`` naming the files and lines, before anything is written.
+
+Files in OUT: ``nll_<name>.json`` (the numbers, every row's NLL, and the fingerprint they were
+computed under), ``prompts.jsonl`` (the prompts answered), ``answers_<name>.jsonl`` and
+``answers_<name>.meta.json``, ``summary.json`` and ``summary.png``. A rerun resumes: a model
+whose NLL file has the same fingerprint (the model files' SHA-256, the eval rows, the settings)
+is not scored again, and answers continue where they stopped without duplicates. Answers written
+under other settings are an error (use a new OUT or remove the file), as for ``montessori sft``.
+
+``format_table`` and ``plot_summary`` take rows across arms and iterations
+(``{"arm", "iteration", "name", "model", "ref_nll", "ppl", ...}``; ``summary_rows`` makes them
+from a summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from montessori_jax.errors import UserError
+
+PACKAGED_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
+PACKAGED_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference.jsonl")
+DEFAULT = "default"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHOWN = 10  # overlapping rows listed in a message before "and N more"
+
+
+class EvalOverlapWarning(UserWarning):
+    """The eval set shares instructions with D_ref or the seed pool."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlap with D_ref and the seed pool
+
+
+def normalize_instruction(text: str) -> str:
+    """Lowercased, with every run of whitespace collapsed to one space (and none at the ends)."""
+    return " ".join(text.lower().split())
+
+
+def prompt_text(prompt: str | Sequence[Mapping]) -> str:
+    """The instruction of a pair's prompt: the text, or its chat messages' user turns."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") == "user")
+
+
+def _loc(where: str) -> str:
+    """``line 12`` from ``FILE, line 12`` (or ``row 3`` from ``DATASET, row 3``)."""
+    return where.rsplit(", ", 1)[-1]
+
+
+def find_overlaps(items: Sequence[tuple[str, str]], against: Sequence[tuple[str, str]]) -> list[dict]:
+    """Rows of ``items`` whose normalized text equals a row of ``against``.
+
+    Both are (where, text) pairs. Returns one dict per overlapping item, in item order:
+    ``{"where", "instruction", "matches": [where of each equal row in against]}``.
+    """
+    index: dict[str, list[str]] = {}
+    for where, text in against:
+        index.setdefault(normalize_instruction(text), []).append(where)
+    out = []
+    for where, text in items:
+        hits = index.get(normalize_instruction(text))
+        if hits:
+            out.append({"where": where, "instruction": text, "matches": list(hits)})
+    return out
+
+
+def overlap_message(path: str, what: str, other_path: str, rows: Sequence[dict]) -> str:
+    """One line: the file, the set it overlaps, and each overlapping line with its match."""
+    shown = ", ".join(f"{_loc(r['where'])} (= {_loc(r['matches'][0])})" for r in rows[:_SHOWN])
+    more = f" and {len(rows) - _SHOWN} more" if len(rows) > _SHOWN else ""
+    rows_repeat = "1 row repeats an instruction" if len(rows) == 1 else f"{len(rows)} rows repeat instructions"
+    return (f"{path}: {rows_repeat} of {what} {other_path} (same text after lowercasing and collapsing "
+            f"whitespace), so not held out: {shown}{more}")
+
+
+def check_overlap(sets: Mapping[str, tuple[str, Sequence[tuple[str, str]]]],
+                  others: Mapping[str, tuple[str, str, Sequence[tuple[str, str]]]],
+                  on_overlap: str = "warn") -> dict:
+    """Check each evaluated file against each other set.
+
+    sets: label -> (path, [(where, instruction)]): what is evaluated (the eval set, a prompt
+      file). others: key -> (description, path, [(where, instruction)]): D_ref, the seed pool.
+    on_overlap: ``"warn"`` emits one ``EvalOverlapWarning`` per (file, set) that overlaps;
+      ``"error"`` raises a ``UserError`` with all their messages.
+
+    Returns ``{"count", "messages", "<label>": {"<key>": [rows of find_overlaps]}}``.
+    """
+    if on_overlap not in ("warn", "error"):
+        raise UserError(f"eval.on_overlap={on_overlap!r}: expected 'warn' or 'error'")
+    report: dict = {"count": 0, "messages": []}
+    for label, (path, items) in sets.items():
+        report[label] = {}
+        for key, (what, other_path, other_items) in others.items():
+            rows = find_overlaps(items, other_items)
+            report[label][key] = rows
+            if rows:
+                report["count"] += len(rows)
+                report["messages"].append(overlap_message(path, what, other_path, rows))
+    if report["messages"]:
+        if on_overlap == "error":
+            raise UserError("; ".join(report["messages"]) + " (set eval.on_overlap=warn to evaluate anyway)")
+        for message in report["messages"]:
+            warnings.warn(message, EvalOverlapWarning, stacklevel=3)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: the eval pairs, the prompts to answer, what to check against
+
+
+def resolve_data(path: str) -> str:
+    """``"default"`` -> the packaged eval set; a ``.jsonl``/``.json`` path must exist."""
+    if path == DEFAULT:
+        return PACKAGED_EVAL
+    if not path:
+        raise UserError("eval.data is empty (\"default\" is the packaged eval set)")
+    if path.endswith((".jsonl", ".json")) and not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (eval.data)")
+    return path
+
+
+def load_prompt_rows(path: str) -> list[dict]:
+    """Prompts to answer, as ``montessori generate`` input rows (``id`` and ``prompt`` or
+    ``messages``). A row has ``prompt`` (text), chat ``messages``, or ``instruction`` (with an
+    optional ``input`` appended as the eval pairs do); ``id`` defaults to the 0-based index."""
+    from montessori_jax.scoring import read_jsonl
+
+    if path.endswith(".jsonl") or os.path.isfile(path):
+        rows = read_jsonl(path)
+    else:
+        raise UserError(f"{path}: no such file (eval.prompts takes a JSONL file)")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        where = f"{path}, line {row['_line']}"
+        rid = row.get("id", i)
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise UserError(f"{where}: `id` must be a string or an integer")
+        if json.dumps(rid) in seen:
+            raise UserError(f"{where}: duplicate id {rid!r}")
+        seen.add(json.dumps(rid))
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            out.append({"id": rid, "prompt": row["prompt"], "_where": where})
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            msgs = row["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in msgs):
+                raise UserError(f"{where}: `messages` must be a list of {{role, content}} strings")
+            out.append({"id": rid, "messages": msgs, "_where": where})
+        elif isinstance(row.get("instruction"), str) and row["instruction"].strip():
+            text = row["instruction"]
+            extra = row.get("input")
+            if isinstance(extra, str) and extra.strip():
+                text = f"{text}\n\n{extra}"
+            out.append({"id": rid, "prompt": text, "_where": where})
+        else:
+            raise UserError(f"{where}: a prompt row needs `prompt`, `messages` or `instruction`")
+    if not out:
+        raise UserError(f"{path}: no prompts")
+    return out
+
+
+def prompts_from_pairs(pairs) -> list[dict]:
+    """The eval pairs' prompts as generate input rows (id: the row's own or its index)."""
+    out = []
+    for i, p in enumerate(pairs):
+        rid = p.id if isinstance(p.id, (str, int)) and not isinstance(p.id, bool) else i
+        row = {"id": rid, "_where": p.where}
+        if isinstance(p.prompt, str):
+            row["prompt"] = p.prompt
+        else:
+            row["messages"] = [dict(m) for m in p.prompt]
+        out.append(row)
+    if len({json.dumps(r["id"]) for r in out}) != len(out):  # ids repeat: fall back to indices
+        for i, row in enumerate(out):
+            row["id"] = i
+    return out
+
+
+def _others(cfg, ecfg) -> dict:
+    """D_ref and the seed pool the eval set must not repeat, as (description, path, items)."""
+    from montessori_jax import pairs as pairs_lib
+    from montessori_jax.synthesis.seeds import load_seed_pool, packaged_data_path
+
+    ref_path = ecfg.reference or getattr(getattr(cfg, "influence", None), "reference", None) or PACKAGED_REFERENCE
+    if ref_path.endswith((".jsonl", ".json")) and not os.path.isfile(ref_path):
+        raise UserError(f"{ref_path}: no such file (D_ref, which the eval set must not repeat: "
+                        "eval.reference or influence.reference)")
+    ref = pairs_lib.load_pairs(ref_path)
+    if ecfg.seed_pool:
+        pool_source, fields, split = ecfg.seed_pool, None, "train"
+    else:
+        syn = getattr(cfg, "synthesis", None)
+        pool_source = getattr(syn, "seed_pool", DEFAULT) or DEFAULT
+        fields, split = getattr(syn, "seed_fields", None), getattr(syn, "seed_split", "train")
+    pool = load_seed_pool(pool_source, fields, split)
+    pool_path = packaged_data_path("seed_pool.jsonl") if pool_source == DEFAULT else pool_source
+    return {
+        "reference": ("the reference set D_ref", ref_path, [(p.where, prompt_text(p.prompt)) for p in ref]),
+        "seed_pool": ("the seed pool", pool_path, [(t.where, t.text) for t in pool]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints: what a cached result was computed from
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+    """SHA-256 over the model's files (names and contents): an HF folder's files, or one .gguf
+    (``"smollm2"``: the embedded one). Costs one read of the weights."""
+    from montessori_jax import weights
+
+    resolved = weights.resolve_path(path)
+    if os.path.isdir(resolved):
+        files = sorted(os.path.relpath(os.path.join(d, f), resolved)
+                       for d, _, names in os.walk(resolved) for f in names)
+        items = [(name, os.path.join(resolved, name)) for name in files]
+    else:
+        items = [(os.path.basename(resolved), resolved)]
+    h = hashlib.sha256()
+    for name, full in items:
+        h.update(json.dumps([name, _sha256_file(full)]).encode())
+    return h.hexdigest()[:16]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _pairs_digest(pairs) -> str:
+    return _digest([[list(p.prompt) if not isinstance(p.prompt, str) else p.prompt, p.response] for p in pairs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-answer NLL
+
+
+def reference_nll(scorer, tok, pairs, *, system: str | None = None, max_len: int | None = None,
+                  batch_size: int = 8, progress: bool = False) -> dict:
+    """Reference-answer NLL of the model behind ``scorer`` (a ``scoring.Scorer``) on ``pairs``.
+
+    Each pair is encoded as prompt + answer under ``tok``'s chat template; the answer's tokens
+    and its end-of-turn token are scored. Returns ``ref_nll`` (token mean over all rows),
+    ``example_nll`` (mean of the rows' token means), ``ppl`` (exp of ref_nll), ``tokens``,
+    ``rows``, ``truncated``, and ``per_row``: [{"id", "nll", "tokens"}] in input order.
+    """
+    from montessori_jax import text
+
+    examples = []
+    for p in pairs:
+        prompt = list(p.prompt) if not isinstance(p.prompt, str) else p.prompt
+        ex = text.encode_example(tok, prompt, p.response, system=system, max_len=max_len)
+        if ex.loss_mask.sum() == 0:
+            raise UserError(f"{p.where}: no answer tokens left to score (raise eval.max_len)")
+        examples.append(ex)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sums, counts = scorer.nll_sums(examples, batch_size, pad_id, progress=progress)
+    per_row_mean = sums / counts
+    ref_nll = float(sums.sum() / counts.sum())
+    return {
+        "ref_nll": ref_nll,
+        "example_nll": float(per_row_mean.mean()),
+        "ppl": math.exp(ref_nll),
+        "tokens": int(counts.sum()),
+        "rows": len(pairs),
+        "truncated": int(sum(e.truncated for e in examples)),
+        "per_row": [{"id": p.id if p.id is not None else i, "nll": float(m), "tokens": int(c)}
+                    for i, (p, m, c) in enumerate(zip(pairs, per_row_mean, counts))],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def parse_models(specs: Sequence[str]) -> dict[str, str]:
+    """``NAME=PATH`` strings (``--model``) as an ordered dict; a name may appear once."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise UserError(f"--model {spec!r}: expected NAME=PATH, e.g. student=out/train/model")
+        _check_name(name)
+        if name in models:
+            raise UserError(f"--model {spec!r}: the name {name!r} is given twice")
+        models[name] = path
+    return models
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise UserError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (it names files)")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _answers_stats(path: str) -> dict:
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    finish: dict[str, int] = {}
+    for r in rows:
+        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
+    return {"answer_rows": len(rows), "finish": finish,
+            "mean_answer_tokens": float(np.mean([r["num_tokens"] for r in rows])) if rows else None}
+
+
+def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progress: bool = True) -> dict:
+    """Evaluate each model of ``models`` (name -> path; default ``{"student": cfg.student.path}``)
+    with ``cfg.eval``, writing into ``out_dir``; resumes a run there. Every model is loaded with
+    ``cfg.student``'s dtypes and placed on ``cfg.mesh``. Returns the summary (also
+    ``out_dir/summary.json``): ``models`` (name -> numbers and files), ``table`` (rows for
+    ``format_table`` / ``summary_rows``), ``overlap``, and the inputs used.
+
+    Raises:
+      UserError: a missing file or model, a bad prompt row, answers in ``out_dir`` written
+        under other settings, or (``eval.on_overlap="error"``) an eval set that repeats D_ref
+        or seed pool instructions. Nothing is written before these checks pass.
+    """
+    import jax
+
+    from montessori_jax import pairs as pairs_lib
+    from montessori_jax import sharding, text, weights
+    from montessori_jax.sampling import SamplingParams, generate_jsonl, read_done
+
+    t0 = time.perf_counter()
+    ecfg = cfg.eval
+    models = dict(models) if models else {"student": cfg.student.path}
+    for name, path in models.items():
+        _check_name(name)
+        weights.resolve_path(path)
+
+    data_path = resolve_data(ecfg.data)
+    pairs = pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)
+    prompt_rows = None
+    if ecfg.answers:
+        prompt_rows = load_prompt_rows(ecfg.prompts) if ecfg.prompts else prompts_from_pairs(pairs)
+    sets = {"data": (data_path, [(p.where, prompt_text(p.prompt)) for p in pairs])}
+    if ecfg.answers and ecfg.prompts:
+        sets["prompts"] = (ecfg.prompts, [(r["_where"], prompt_text(r.get("prompt") or r.get("messages")))
+                                          for r in prompt_rows])
+    others = _others(cfg, ecfg)
+    overlap = check_overlap(sets, others, ecfg.on_overlap)
+
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    sampling = SamplingParams(temperature=ecfg.temperature, top_p=ecfg.top_p,
+                              max_new_tokens=ecfg.max_new_tokens, n=1, seed=cfg.seed)
+    prompts_path = os.path.join(out_dir, "prompts.jsonl")
+    if prompt_rows is not None:
+        from montessori_jax.scoring import write_jsonl_atomic
+
+        clean = [{k: v for k, v in r.items() if k != "_where"} for r in prompt_rows]
+        write_jsonl_atomic(prompts_path, clean)
+        prompts_digest = _digest(clean)
+
+    results = {}
+    for name, path in models.items():
+        fp_model = model_fingerprint(path)
+        dtypes = {"param_dtype": cfg.student.param_dtype, "dtype": cfg.student.dtype}
+        nll_path = os.path.join(out_dir, f"nll_{name}.json")
+        nll_fp = _digest({"model": fp_model, "data": _pairs_digest(pairs), "system": ecfg.system,
+                          "max_len": ecfg.max_len, **dtypes})
+        cached = _read_json(nll_path)
+        nll = cached if cached and cached.get("fingerprint") == nll_fp else None
+
+        answers_path = os.path.join(out_dir, f"answers_{name}.jsonl")
+        answers_todo = False
+        if prompt_rows is not None:
+            meta_path = os.path.join(out_dir, f"answers_{name}.meta.json")
+            meta = {"fingerprint": _digest({"model": fp_model, "prompts": prompts_digest, "system": ecfg.system,
+                                            "sampling": dataclasses.asdict(sampling), **dtypes}),
+                    "model": path, "prompts": prompts_path, "sampling": dataclasses.asdict(sampling)}
+            old = _read_json(meta_path)
+            if os.path.exists(answers_path) and (old is None or old.get("fingerprint") != meta["fingerprint"]):
+                raise UserError(f"{answers_path}: written with another model, other prompts or other sampling "
+                                "settings; use a new --out or remove the file")
+            _write_json(meta_path, meta)
+            done = read_done(answers_path)
+            answers_todo = any((json.dumps(r["id"]), 0) not in done for r in prompt_rows)
+
+        if nll is None or answers_todo:
+            tok = text.load_tokenizer(path)
+            with jax.set_mesh(mesh):
+                model = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
+            if nll is None:
+                from montessori_jax.scoring import Scorer
+
+                with jax.set_mesh(mesh):
+                    nll = reference_nll(Scorer.of(model), tok, pairs, system=ecfg.system, max_len=ecfg.max_len,
+                                        batch_size=ecfg.batch_size, progress=progress)
+                nll = {"fingerprint": nll_fp, "model": path, "data": data_path, **nll}
+                _write_json(nll_path, nll)
+            if answers_todo:
+                with jax.set_mesh(mesh):
+                    generate_jsonl(model, answers_path, sampling, input_path=prompts_path, tokenizer=tok,
+                                   batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
+            del model
+        entry = {k: nll[k] for k in ("ref_nll", "example_nll", "ppl", "tokens", "rows", "truncated")}
+        entry.update(path=path, nll_file=nll_path)
+        if prompt_rows is not None:
+            entry.update(answers=answers_path, **_answers_stats(answers_path))
+        results[name] = entry
+
+    rows = [{"name": name, "model": r["path"], "ref_nll": r["ref_nll"], "example_nll": r["example_nll"],
+             "ppl": r["ppl"], "mean_answer_tokens": r.get("mean_answer_tokens")} for name, r in results.items()]
+    summary = {
+        "data": data_path,
+        "rows": len(pairs),
+        "prompts": (ecfg.prompts or data_path) if prompt_rows is not None else None,
+        "answer_prompts": len(prompt_rows) if prompt_rows is not None else 0,
+        "sampling": dataclasses.asdict(sampling) if prompt_rows is not None else None,
+        "reference": others["reference"][1],
+        "seed_pool": others["seed_pool"][1],
+        "overlap": overlap,
+        "models": results,
+        "table": rows,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    plot_summary(rows, os.path.join(out_dir, "summary.png"))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Across arms and iterations: a table and a plot
+
+
+def summary_rows(summary: dict, arm: str | None = None, iteration: int | None = None) -> list[dict]:
+    """``run_eval``'s table rows, tagged with an arm and an iteration."""
+    tags = {k: v for k, v in (("arm", arm), ("iteration", iteration)) if v is not None}
+    return [{**tags, **row} for row in summary["table"]]
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A text table: arm and iteration (when any row has them), name, ref NLL (token mean),
+    per-example NLL, perplexity, mean answer tokens, model path."""
+    cols = []
+    if any("arm" in r for r in rows):
+        cols.append(("arm", lambda r: str(r.get("arm", "-")), "<"))
+    if any("iteration" in r for r in rows):
+        cols.append(("iteration", lambda r: _fmt(r.get("iteration"), "d"), ">"))
+    cols += [
+        ("model", lambda r: str(r.get("name", "-")), "<"),
+        ("ref NLL", lambda r: _fmt(r.get("ref_nll"), ".4f"), ">"),
+        ("example NLL", lambda r: _fmt(r.get("example_nll"), ".4f"), ">"),
+        ("ppl", lambda r: _fmt(r.get("ppl"), ".2f"), ">"),
+        ("answer tokens", lambda r: _fmt(r.get("mean_answer_tokens"), ".1f"), ">"),
+        ("path", lambda r: str(r.get("model", "-")), "<"),
+    ]
+    cells = [[fn(r) for _, fn, _ in cols] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(cols)]
+
+    def line(values):
+        return "  ".join(format(v, f"{a}{w}") for v, (_, _, a), w in zip(values, cols, widths)).rstrip()
+
+    out = [line([h for h, _, _ in cols]), "  ".join("-" * w for w in widths)]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def _series_label(arm, name, many_names: bool) -> str:
+    parts = [p for p in (arm, name if many_names or not arm else None) if p]
+    return " / ".join(str(p) for p in parts) or "model"
+
+
+def plot_summary(rows: Sequence[dict], png_path: str, title: str = "reference-answer NLL") -> str | None:
+    """Reference-answer NLL (token mean) per arm: lines over iterations when rows span more
+    than one iteration, otherwise bars (one per row). None when matplotlib is absent or
+    there are no rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows if r.get("ref_nll") is not None]
+    if not rows:
+        return None
+    many_names = len({r.get("name") for r in rows}) > 1
+    iterations = {r["iteration"] for r in rows if r.get("iteration") is not None}
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if len(iterations) > 1:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r.get("iteration") is None:
+                continue
+            label = _series_label(r.get("arm"), r.get("name"), many_names)
+            series.setdefault(label, []).append((int(r["iteration"]), float(r["ref_nll"])))
+        for label, points in series.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+        ax.set_xlabel("iteration")
+        ax.set_xticks(sorted(iterations))
+        ax.legend()
+    else:
+        labels = [_series_label(r.get("arm"), r.get("name"), many_names) for r in rows]
+        values = [float(r["ref_nll"]) for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=[f"C{i % 10}" for i in range(len(rows))])
+        for bar, r in zip(bars, rows):
+            if r.get("ppl") is not None:
+                ax.annotate(f"ppl {r['ppl']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), labels, rotation=20 if len(rows) > 3 else 0)
+    ax.set_ylabel("token NLL of reference answers")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
