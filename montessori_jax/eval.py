@@ -432,6 +432,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             done = read_done(answers_path)
             answers_todo = any((json.dumps(r["id"]), 0) not in done for r in prompt_rows)
 
+        seconds = {"nll": 0.0, "answers": 0.0}  # this run's; 0 when cached or already done
         if nll is None or answers_todo:
             tok = text.load_tokenizer(path)
             with jax.set_mesh(mesh):
@@ -439,18 +440,22 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             if nll is None:
                 from montessori_jax.scoring import Scorer
 
+                t_nll = time.perf_counter()
                 with jax.set_mesh(mesh):
                     nll = reference_nll(Scorer.of(model), tok, pairs, system=ecfg.system, max_len=ecfg.max_len,
                                         batch_size=ecfg.batch_size, progress=progress)
                 nll = {"fingerprint": nll_fp, "model": path, "data": data_path, **nll}
                 _write_json(nll_path, nll)
+                seconds["nll"] = round(time.perf_counter() - t_nll, 3)
             if answers_todo:
+                t_ans = time.perf_counter()
                 with jax.set_mesh(mesh):
                     generate_jsonl(model, answers_path, sampling, input_path=prompts_path, tokenizer=tok,
                                    batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
+                seconds["answers"] = round(time.perf_counter() - t_ans, 3)
             del model
         entry = {k: nll[k] for k in ("ref_nll", "example_nll", "ppl", "tokens", "rows", "truncated")}
-        entry.update(path=path, nll_file=nll_path)
+        entry.update(path=path, nll_file=nll_path, seconds=seconds)
         if prompt_rows is not None:
             entry.update(answers=answers_path, **_answers_stats(answers_path))
         results[name] = entry

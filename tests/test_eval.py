@@ -118,6 +118,7 @@ def test_answers_structure_resume_and_cache(tiny_checkpoint, tmp_path, monkeypat
     m = s["models"]["student"]
     assert m["answer_rows"] == 4 and sum(m["finish"].values()) == 4
     assert m["mean_answer_tokens"] == pytest.approx(np.mean([r["num_tokens"] for r in full]))
+    assert m["seconds"]["nll"] > 0 and m["seconds"]["answers"] > 0
 
     # a kill in the middle of the second row: the rerun completes without duplicates, and the
     # NLL (same fingerprint) is not computed again
@@ -140,6 +141,7 @@ def test_answers_structure_resume_and_cache(tiny_checkpoint, tmp_path, monkeypat
     monkeypatch.setattr(weights, "load_model", no_rescore)
     again = ev.run_eval(cfg, str(out), progress=False)
     assert again["models"]["student"]["ref_nll"] == s["models"]["student"]["ref_nll"]
+    assert again["models"]["student"]["seconds"] == {"nll": 0.0, "answers": 0.0}
     assert len(_answers(out / "answers_student.jsonl")) == 4
 
     # other sampling settings on the same folder: an error naming the answers file, which stays
