@@ -139,6 +139,67 @@ def _add_influence(sub) -> None:
     p.set_defaults(func=cmd_influence)
 
 
+def cmd_preferences(args) -> int:
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.preferences import run_preferences
+
+    cfg = load_config(Config, args.config, args.overrides)
+    s = run_preferences(cfg, args.out)
+    print(f"preferences ({s['mode']}): {s['pairs']} pairs from {s['prompts_with_pairs']} of {s['prompts']} seed "
+          f"prompts; {s['samples']} samples: {s['positive']} with influence > 0, {s['negative']} < 0, {s['zero']} = 0")
+    if s["prompts_without_pair"]:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(s["without_pair"].items()))
+        print(f"{s['prompts_without_pair']} prompts without a pair: {why}")
+    print(f"pairs: {s['pairs_file']}; summary.json beside it")
+    return 0
+
+
+def _add_preferences(sub) -> None:
+    p = sub.add_parser(
+        "preferences",
+        help="preference pairs within each seed prompt from the probing samples' influence",
+        description="Join the influence scores (preferences.scores) to the synthesis records they "
+        "score (preferences.probe) and pair the teacher's samples within each seed prompt: every "
+        "influence > 0 (chosen) against every influence < 0 (rejected), or with preferences.mode=rank "
+        "the top_k best against the top_k worst. Optional min_margin and max_pairs_per_prompt. "
+        "OUT/pairs.jsonl (prompt, chosen, rejected, ids, influences) and summary.json.",
+    )
+    _stage_args(p)
+    p.set_defaults(func=cmd_preferences)
+
+
+def cmd_dpo(args) -> int:
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.dpo import run_dpo
+
+    cfg = load_config(Config, args.config, args.overrides)
+    s = run_dpo(cfg, args.out)
+    r = s["reference"]
+    print(f"dpo: {s['steps']} steps on {s['pairs']} pairs ({s['truncated']} truncated); reference log-probs "
+          f"{r['status']} ({r['cache']})")
+    if s["last"]:
+        last = s["last"]
+        print(f"last step: loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracy']:.2f}, "
+              f"margin {last['rewards/margin']:.4f}")
+    print(f"metrics.jsonl and dpo.png in {args.out}" + (f"; HF model: {s['model']}" if s["model"] else ""))
+    return 0
+
+
+def _add_dpo(sub) -> None:
+    p = sub.add_parser(
+        "dpo",
+        help="DPO on the teacher from preference pairs, with cached reference log-probs",
+        description="Direct preference optimization of `teacher` on dpo.pairs: the seed prompt "
+        "under the teacher's chat template, the chosen and rejected raw outputs as answers "
+        "(prompt truncated to its last dpo.max_prompt_len tokens, rows to dpo.max_len), sigmoid "
+        "loss with dpo.beta. The reference log-probs are computed once and cached beside the "
+        "pairs under a fingerprint. Orbax checkpoints (rerun to resume), metrics.jsonl + dpo.png, "
+        "and the teacher as an HF checkpoint in OUT/model.",
+    )
+    _stage_args(p)
+    p.set_defaults(func=cmd_dpo)
+
+
 def cmd_synthesize(args) -> int:
     from montessori_jax.config import Config, load_config
     from montessori_jax.synthesis import format_summary, run_synthesize
@@ -275,8 +336,16 @@ def _bench_dedup(args):
     return bench_dedup, bench_dedup.bench_dedup(args.candidates, rouge_pairs=args.rouge_pairs)
 
 
+def _bench_dpo(args):
+    from montessori_jax import bench_dpo
+
+    return bench_dpo, bench_dpo.bench_dpo(model=args.model, random=args.random, batch=args.batch_size or 2,
+                                          length=args.length, steps=args.steps)
+
+
 # what -> a function (args) -> (module with format_table and write_json, result dict)
-BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence, "dedup": _bench_dedup}
+BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence, "dedup": _bench_dedup,
+           "dpo": _bench_dpo}
 
 
 def cmd_bench(args) -> int:
@@ -298,9 +367,10 @@ def _add_bench(sub) -> None:
     p.add_argument("what", choices=sorted(BENCHES), help="which stage to time")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results here")
-    p.add_argument("--batch-size", type=int, default=None, help="sft: examples per step; influence: B")
-    p.add_argument("--length", type=int, default=256, help="sft: tokens per row; generate --random: prompt tokens")
-    p.add_argument("--steps", type=int, default=5, help="sft: timed steps")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sft: examples per step; influence: B; dpo: pairs per step")
+    p.add_argument("--length", type=int, default=256, help="sft, dpo: tokens per row; generate --random: prompt tokens")
+    p.add_argument("--steps", type=int, default=5, help="sft, dpo: timed steps")
     p.add_argument("--ref-rows", type=int, default=32, help="influence: D_ref rows")
     p.add_argument("--probes", type=int, default=16, help="influence: probing examples")
     p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
@@ -312,7 +382,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="generate: timed runs per batch size (best kept)")
     p.add_argument("--no-transformers", action="store_true", help="generate: time ours only")
     p.add_argument("--random", default=None, metavar="PRESET",
-                   help="generate: a random-init model instead (tinyllama, llama3-8b, tiny); prompts of --length")
+                   help="generate, dpo: a random-init model instead (tinyllama, llama3-8b, tiny)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generate: params and compute")
     p.add_argument("--candidates", type=int, default=10_000, help="dedup: synthetic candidate instructions")
     p.add_argument("--rouge-pairs", type=int, default=20_000,
@@ -322,7 +392,7 @@ def _add_bench(sub) -> None:
 
 # Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_bench]
+            _add_preferences, _add_dpo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

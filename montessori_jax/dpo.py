@@ -1,0 +1,541 @@
+"""DPO on the teacher (step 4 of the method, second half): ``montessori dpo``.
+
+Each pair of ``pairs.jsonl`` (see ``preferences``) is a seed prompt and two of the teacher's
+raw outputs for it. The prompt is rendered under the teacher's chat template with the
+generation prompt, exactly as the teacher saw it while synthesizing; each answer follows it as
+the assistant turn, and only the answer's tokens (through the end-of-turn token) are scored.
+
+Truncation, as TRL's DPO trainer that the original used: a prompt longer than
+``max_prompt_len`` keeps its last tokens (``keep_end``: the end of the 8-shot prompt and the
+assistant header stay); then prompt + answer is cut to ``max_len`` by dropping the end of the
+answer. Truncated pairs are counted.
+
+The loss is the sigmoid DPO loss on sequence log-probs (sums over answer tokens):
+``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``, summed over pairs and divided once
+by the number of pairs in the global batch (exact under gradient accumulation).
+
+The reference log-probs come from the initial teacher in one pass over the pairs before
+training, and are stored as ``ref_logps-<fingerprint>.jsonl`` beside the pairs (or in
+``dpo.ref_cache``). The fingerprint covers the pairs file, the reference weights files, their
+dtypes, the chat template, the system prompt, the lengths and the encoded tokens; a cache with
+that fingerprint is reused, an unfinished one is completed, and any change gives a new one. No
+second model is held during training.
+
+One jitted step donates the train state; chosen and rejected rows of a micro-batch go through
+one forward (concatenated on the batch axis). Orbax checkpoints, resume, metrics.jsonl,
+``dpo.png`` and an HF export of the teacher to ``OUT/model`` follow the SFT stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from montessori_jax import model as model_lib
+from montessori_jax import optim, text
+from montessori_jax.config import Config, DPOConfig
+from montessori_jax.errors import UserError
+from montessori_jax.losses import token_nll
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def sequence_logps(logits_BTV: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Array):
+    """(sum of log p over each row's target tokens [B], number of targets [B]), fp32."""
+    nll_B, count_B = token_nll(logits_BTV, tokens_BT, loss_mask_BT)
+    return -nll_B, count_B
+
+
+def dpo_loss(policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P, beta: float, mask_P=None):
+    """Sigmoid DPO loss of P pairs from sequence log-probs.
+
+    Returns ``((loss_sum, count), (chosen_rewards_P, rejected_rewards_P))``: the loss summed
+    over the pairs where ``mask_P`` is 1 (all when None) and that count, as every loss here;
+    the implicit rewards ``beta * (policy - reference)`` of each side, per pair.
+    """
+    chosen_rewards = beta * (policy_chosen_P - ref_chosen_P)
+    rejected_rewards = beta * (policy_rejected_P - ref_rejected_P)
+    loss_P = -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards)
+    mask_P = jnp.ones_like(loss_P) if mask_P is None else mask_P.astype(loss_P.dtype)
+    return ((loss_P * mask_P).sum(), mask_P.sum()), (chosen_rewards, rejected_rewards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: pairs -> token rows -> batches [A, 2M, T] (chosen rows, then rejected rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairExample:
+    """One pair as two token rows sharing the (possibly truncated) prompt."""
+
+    chosen: text.Example
+    rejected: text.Example
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def _answer_tokens(tok, prompt, answer: str, system, prompt_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The assistant turn's tokens after ``prompt_ids`` (through its last target) and their mask."""
+    ex = text.encode_example(tok, prompt, answer, system=system)
+    P = len(prompt_ids)
+    if ex.tokens[:P].tolist() != prompt_ids:
+        raise UserError(f"chat template of {tok.name_or_path}: the prompt does not tokenize the same "
+                        "alone and followed by an answer")
+    mask = ex.loss_mask[P:]
+    n = int(np.nonzero(mask)[0][-1]) + 1 if mask.any() else len(mask)
+    return ex.tokens[P:P + n], mask[:n]
+
+
+def encode_pair(tok, prompt: str, chosen: str, rejected: str, system: str | None = None,
+                max_prompt_len: int = 128, max_len: int = 1024) -> PairExample:
+    """Both answers after the prompt under the chat template; targets are the answers' tokens.
+
+    The prompt keeps its last ``max_prompt_len`` tokens; each row is then cut to ``max_len``.
+    """
+    prompt_ids = text.encode_prompt(tok, prompt, system)
+    kept = np.asarray(prompt_ids[-max_prompt_len:], np.int32)
+    truncated = len(kept) < len(prompt_ids)
+    rows = []
+    for answer in (chosen, rejected):
+        toks, mask = _answer_tokens(tok, prompt, answer, system, prompt_ids)
+        room = max_len - len(kept)
+        truncated |= len(toks) > room
+        rows.append(text.Example(np.concatenate([kept, toks[:room]]).astype(np.int32),
+                                 np.concatenate([np.zeros(len(kept), bool), mask[:room]]),
+                                 truncated=truncated))
+    return PairExample(rows[0], rows[1], truncated)
+
+
+def make_batch(pairs: Sequence[PairExample], idx: Sequence[int], batch_pairs: int, micro_pairs: int,
+               pad_id: int, ref: tuple[np.ndarray, np.ndarray] | None = None,
+               buckets: Sequence[int] = text.DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
+    """[A, 2M, T] arrays for the pairs ``idx`` (at most ``batch_pairs``), A = batch_pairs / M.
+
+    In each micro-batch, rows 0..M-1 are the chosen answers and rows M..2M-1 the rejected ones
+    of the same pairs; a missing pair is two all-pad rows with ``pair_mask`` 0. ``ref_logps``
+    [A, 2M] holds the cached reference log-probs in the same layout (zeros without ``ref``).
+    """
+    M = micro_pairs
+    A = batch_pairs // M
+    length = text.bucket_length(max(len(pairs[i]) for i in idx), buckets)
+    empty_t, empty_m = np.zeros(0, np.int32), np.zeros(0, bool)
+    parts, refs, masks = [], np.zeros((A, 2 * M), np.float32), np.zeros((A, 2 * M), np.float32)
+    for a in range(A):
+        group = list(idx[a * M:(a + 1) * M])
+        fill = M - len(group)
+        seqs = ([pairs[i].chosen.tokens for i in group] + [empty_t] * fill
+                + [pairs[i].rejected.tokens for i in group] + [empty_t] * fill)
+        msks = ([pairs[i].chosen.loss_mask for i in group] + [empty_m] * fill
+                + [pairs[i].rejected.loss_mask for i in group] + [empty_m] * fill)
+        parts.append(text.pad_batch(seqs, msks, length, pad_id))
+        for j, i in enumerate(group):
+            masks[a, j] = masks[a, M + j] = 1.0
+            if ref is not None:
+                refs[a, j], refs[a, M + j] = ref[0][i], ref[1][i]
+    out = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    out["ref_logps"], out["pair_mask"] = refs, masks
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+METRIC_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+               "logps/chosen", "logps/rejected")
+
+
+def policy_logps(graphdef, params, mb) -> jax.Array:
+    """Sequence log-probs [2M] of a micro-batch's rows."""
+    logits = model_lib.apply(graphdef, params, mb["tokens"], mb["positions"], mb["segment_ids"])
+    return sequence_logps(logits, mb["tokens"], mb["loss_mask"])[0]
+
+
+def make_logps_fn(graphdef):
+    """jitted ``(params, batch [1, 2M, T]) -> log-probs [2M]``: the reference pass."""
+    return jax.jit(lambda params, batch: policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, live_reference: bool = False):
+    """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
+
+    batch arrays are [A, 2M, T] (see ``make_batch``); the gradients of the summed loss of the
+    A micro-batches are accumulated and divided once by the number of pairs. With
+    ``live_reference`` the step is ``step(state, batch, ref_params)`` and computes the
+    reference log-probs itself (benchmarks and tests; training uses the cache).
+    """
+
+    def loss_fn(params, mb, ref_params):
+        logps = policy_logps(graphdef, params, mb)
+        if ref_params is None:
+            ref = mb["ref_logps"]
+        else:
+            ref = jax.lax.stop_gradient(policy_logps(graphdef, ref_params, mb))
+        M = logps.shape[0] // 2
+        w = mb["pair_mask"][:M]
+        (s, c), (rc, rr) = dpo_loss(logps[:M], logps[M:], ref[:M], ref[M:], beta, w)
+        sums = {"count": c, "rewards/chosen": (rc * w).sum(), "rewards/rejected": (rr * w).sum(),
+                "rewards/accuracy": ((rc > rr) * w).sum(), "rewards/margin": ((rc - rr) * w).sum(),
+                "logps/chosen": (logps[:M] * w).sum(), "logps/rejected": (logps[M:] * w).sum()}
+        return s, sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch, ref_params=None):
+        params = state["params"]
+
+        def micro(carry, mb):
+            g_acc, s_acc, m_acc = carry
+            (s, sums), g = grad_fn(params, mb, ref_params)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, jax.tree.map(jnp.add, m_acc, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("count",) + METRIC_SUMS}
+        (g, s, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32), zero_sums), batch)
+        denom = jnp.maximum(sums["count"], 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(g, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": s / denom, **{k: sums[k] / denom for k in METRIC_SUMS}, "pairs": sums["count"],
+                   "grad_norm": optax.global_norm(g), "lr": optim.current_lr(opt_state)}
+        return new, metrics
+
+    if live_reference:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(lambda state, batch: step(state, batch), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference log-prob cache
+
+
+def _sha256_file(path: str, h=None):
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h
+
+
+def weights_digest(path: str) -> str:
+    """sha256 over a checkpoint's weight files: the .gguf, or config.json + *.safetensors."""
+    from montessori_jax import weights
+
+    path = weights.resolve_path(path)
+    if not os.path.isdir(path):
+        return _sha256_file(path).hexdigest()
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") or n == "config.json")
+    if not names:
+        raise UserError(f"{path}: no config.json or *.safetensors to fingerprint")
+    for name in names:
+        h.update(name.encode() + b"\0")
+        _sha256_file(os.path.join(path, name), h)
+    return h.hexdigest()
+
+
+def reference_fingerprint(pairs_path: str, model_path: str, param_dtype: str, dtype: str, tok,
+                          dcfg: DPOConfig, encoded: Sequence[PairExample]) -> dict:
+    """What the reference log-probs depend on, and its hash (``fingerprint``)."""
+    tokens = hashlib.sha256()
+    for p in encoded:
+        for ex in (p.chosen, p.rejected):
+            tokens.update(np.int64(len(ex)).tobytes() + ex.tokens.tobytes() + ex.loss_mask.tobytes())
+    parts = {
+        "pairs_sha256": _sha256_file(pairs_path).hexdigest(),
+        "weights_sha256": weights_digest(model_path),
+        "param_dtype": param_dtype,
+        "dtype": dtype,
+        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+        "system": dcfg.system,
+        "max_prompt_len": dcfg.max_prompt_len,
+        "max_len": dcfg.max_len,
+        "tokens_sha256": tokens.hexdigest(),
+        "n_pairs": len(encoded),
+    }
+    parts["fingerprint"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return parts
+
+
+def _read_cache(path: str, fingerprint: str) -> dict[int, tuple[float, float]] | None:
+    """The complete rows of a cache with this fingerprint (a line cut by a kill is dropped and
+    the file repaired); None when there is no such cache."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    try:
+        header = json.loads(lines[0]) if lines and lines[0].endswith("\n") else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("fingerprint") != fingerprint:
+        return None
+    good, rows = [lines[0]], {}
+    for line in lines[1:]:
+        if not line.endswith("\n"):
+            break
+        try:
+            r = json.loads(line)
+            rows[int(r["i"])] = (float(r["chosen"]), float(r["rejected"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            break
+        good.append(line)
+    if len(good) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(good)
+        os.replace(path + ".tmp", path)
+    return rows
+
+
+def reference_logps(path: str, header: dict, pairs: Sequence[PairExample], logps_fn, params,
+                    ref_batch: int, pad_id: int, put=lambda b: b, progress: bool = False):
+    """Reference log-probs (chosen [N], rejected [N]) from the cache at ``path``, computing the
+    pairs it lacks (all of them for a new cache) in one pass, ``ref_batch`` pairs per forward.
+
+    Rows are appended and fsynced a forward at a time, so a kill loses at most one forward.
+    Returns (chosen, rejected, status) with status ``reused``, ``completed`` or ``computed``.
+    """
+    n = len(pairs)
+    rows = _read_cache(path, header["fingerprint"])
+    status = "reused" if rows is not None else "computed"
+    if rows is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+        os.replace(path + ".tmp", path)
+        rows = {}
+    todo = sorted((i for i in range(n) if i not in rows), key=lambda i: (len(pairs[i]), i))
+    if todo and status == "reused":
+        status = "completed"
+    bar = tqdm(total=n, initial=n - len(todo), desc="reference log-probs", unit="pair", disable=not progress)
+    with open(path, "a", encoding="utf-8") as out:
+        for k in range(0, len(todo), ref_batch):
+            idx = todo[k:k + ref_batch]
+            batch = make_batch(pairs, idx, ref_batch, ref_batch, pad_id)
+            logps = np.asarray(jax.device_get(logps_fn(params, put(batch))), np.float64)
+            new = []
+            for j, i in enumerate(idx):
+                rows[i] = (float(np.float32(logps[j])), float(np.float32(logps[ref_batch + j])))
+                new.append(json.dumps({"i": i, "chosen": rows[i][0], "rejected": rows[i][1]}) + "\n")
+            out.writelines(new)
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(idx))
+    bar.close()
+    chosen = np.array([rows[i][0] for i in range(n)], np.float32)
+    rejected = np.array([rows[i][1] for i in range(n)], np.float32)
+    return chosen, rejected, status
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def read_pairs(path: str) -> tuple[str, list[dict]]:
+    from montessori_jax.preferences import PAIRS_FILE
+    from montessori_jax.scoring import read_jsonl
+
+    if not path:
+        raise UserError("dpo.pairs is not set (the pairs.jsonl of `montessori preferences`)")
+    if os.path.isdir(path):
+        path = os.path.join(path, PAIRS_FILE)
+    rows = read_jsonl(path)
+    for r in rows:
+        for key in PAIR_FIELDS:
+            if not isinstance(r.get(key), str):
+                raise UserError(f"{path}, line {r['_line']}: no `{key}` text")
+    if not rows:
+        raise UserError(f"{path}: no pairs (every seed prompt lacked a chosen or a rejected sample; "
+                        "see the preferences summary, or try preferences.mode=rank)")
+    return path, rows
+
+
+def _train_fingerprint(ref_fp: str, dcfg: DPOConfig, teacher) -> str:
+    keep = dataclasses.asdict(dcfg)
+    for k in ("log_every", "save_every", "logger", "export", "max_steps", "ref_cache", "ref_batch_size", "pairs"):
+        keep.pop(k)
+    blob = json.dumps({"reference": ref_fp, "cfg": keep, "remat": teacher.remat}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
+    """DPO of ``cfg.teacher`` on ``cfg.dpo.pairs``; resumes from ``out_dir`` when a run was
+    interrupted there. Returns a summary dict (also written to ``out_dir/summary.json``)."""
+    from montessori_jax import metrics as metrics_lib
+    from montessori_jax import sharding, sft, weights
+    from montessori_jax.checkpoint import Checkpoints
+
+    dcfg: DPOConfig = cfg.dpo
+    teacher = cfg.teacher
+    pairs_path, rows = read_pairs(dcfg.pairs)
+    weights.resolve_path(teacher.path)
+    os.makedirs(out_dir, exist_ok=True)
+    tok = text.load_tokenizer(teacher.path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    encoded = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], dcfg.system, dcfg.max_prompt_len,
+                           dcfg.max_len) for r in rows]
+    n_truncated = sum(p.truncated for p in encoded)
+
+    header = reference_fingerprint(pairs_path, teacher.path, teacher.param_dtype, teacher.dtype, tok, dcfg, encoded)
+    cache_dir = dcfg.ref_cache or os.path.dirname(os.path.abspath(pairs_path))
+    cache_path = os.path.join(cache_dir, f"ref_logps-{header['fingerprint'][:16]}.jsonl")
+
+    G = dcfg.batch_size
+    steps_per_epoch = math.ceil(len(encoded) / G)
+    total = steps_per_epoch * dcfg.epochs
+    if dcfg.max_steps is not None:
+        total = min(total, dcfg.max_steps)
+    fingerprint = _train_fingerprint(header["fingerprint"], dcfg, teacher)
+
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    model = weights.load_model(teacher.path, teacher.param_dtype, teacher.dtype, mesh, rules, teacher.remat)
+    graphdef, params = model_lib.split_params(model)
+    del model
+
+    def put(batch):
+        return jax.device_put(batch, sft.batch_shardings(mesh, rules, batch))
+
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        ref_c, ref_r, ref_status = reference_logps(cache_path, header, encoded, make_logps_fn(graphdef), params,
+                                                   dcfg.ref_batch_size, pad_id, put, progress)
+        ref_seconds = time.perf_counter() - t0
+        tx = optim.adamw(dcfg.optim, total)
+        state = sft.init_state(params, tx)
+        del params
+        step_fn = make_train_step(graphdef, tx, dcfg.beta)
+
+        ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
+        try:
+            start = 0
+            if ckpts.latest_step() is not None:
+                meta = ckpts.restore_meta()
+                if meta.get("fingerprint") != fingerprint:
+                    raise UserError(f"{out_dir}: holds a DPO run with other pairs, teacher or settings; "
+                                    "use a new --out or remove it")
+                state, meta = ckpts.restore(state)
+                start = int(meta["step"])
+            log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), dcfg.logger, resume_from=start)
+            try:
+                state, step = _train(state, step_fn, start, total, steps_per_epoch, encoded, (ref_c, ref_r),
+                                     dcfg, cfg.seed, pad_id, put, log, ckpts, fingerprint, progress)
+            finally:
+                log.close()
+        finally:
+            ckpts.close()  # an interrupted run still finishes the checkpoint it was writing
+
+    export_dir = None
+    if dcfg.export:
+        export_dir = os.path.join(out_dir, "model")
+        weights.save_hf(model_lib.merge_params(graphdef, state["params"]), export_dir, tokenizer=tok)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    plot_dpo(metrics_path, os.path.join(out_dir, "dpo.png"))
+    rows_logged = [r for r in metrics_lib.read_rows(metrics_path) if "loss" in r]
+    summary = {
+        "steps": step, "pairs": len(encoded), "truncated": n_truncated, "epochs": dcfg.epochs,
+        "beta": dcfg.beta, "batch_size": G,
+        "reference": {"cache": cache_path, "status": ref_status, "seconds": ref_seconds,
+                      "fingerprint": header["fingerprint"]},
+        "first": rows_logged[0] if rows_logged else None,
+        "last": rows_logged[-1] if rows_logged else None,
+        "last_lr": rows_logged[-1]["lr"] if rows_logged else None,
+        "model": export_dir,
+        "checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")),
+    }
+    sft._write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DPOConfig, seed, pad_id, put,
+           log, ckpts, fingerprint, progress):
+    """Steps start..total: batches in each epoch's order, checkpoints every ``save_every``.
+
+    Metrics come to the host every ``log_every`` steps, read after the next step has been
+    dispatched so the device never waits for the host (all of them before each checkpoint,
+    so a resumed run has a row for every step up to it).
+    """
+    from montessori_jax import sft
+
+    G = dcfg.batch_size
+    M = dcfg.micro_batch_size or G
+    bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not progress)
+    pending, ready = [], []
+
+    def write(entries):
+        last = None
+        for (s_, e_, _), h in zip(entries, jax.device_get([m_ for _, _, m_ in entries])):
+            last = {"step": s_, "epoch": e_, **{key: float(v) for key, v in h.items()}}
+            log.write(last)
+        if last:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}",
+                            margin=f"{last['rewards/margin']:.3f}")
+
+    step = start
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = sft.epoch_order(encoded, G, seed, epoch)[k]
+        state, m = step_fn(state, put(make_batch(encoded, idx, G, M, pad_id, ref)))
+        step += 1
+        write(ready)
+        ready = []
+        pending.append((step, epoch, m))
+        if step % dcfg.log_every == 0:
+            ready, pending = pending, []
+        if step % dcfg.save_every == 0 or step == total:
+            write(ready + pending)
+            ready, pending = [], []
+            log.flush()
+            ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+        bar.update(1)
+    bar.close()
+    return state, step
+
+
+def plot_dpo(metrics_path: str, png_path: str) -> str | None:
+    """Loss, rewards of both sides, margin and reward accuracy against step (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from montessori_jax.metrics import read_rows
+
+    rows = [r for r in read_rows(metrics_path) if "loss" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=110, sharex=True)
+    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected"]),
+              ("margin (chosen - rejected reward)", ["rewards/margin"]), ("reward accuracy", ["rewards/accuracy"])]
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            ax.plot(steps, [r[key] for r in rows], lw=1, marker="." if len(rows) < 50 else None,
+                    label=key.split("/")[-1])
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
