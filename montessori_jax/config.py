@@ -358,7 +358,9 @@ class Config:
     student: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    warmup: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(export=False))
+    # the original warm-up is all warmup: it ends at the peak lr, the lr influence steps with
+    warmup: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(
+        export=False, optim=OptimConfig(warmup_ratio=1.0, stable_ratio=0.0, decay_ratio=0.0)))
     synthesis: SynthesisConfig = dataclasses.field(default_factory=SynthesisConfig)
     influence: InfluenceConfig = dataclasses.field(default_factory=InfluenceConfig)
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)

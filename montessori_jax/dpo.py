@@ -43,7 +43,7 @@ import optax
 from tqdm.auto import tqdm
 
 from montessori_jax import model as model_lib
-from montessori_jax import optim, text
+from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, DPOConfig
 from montessori_jax.errors import UserError
 from montessori_jax.losses import token_nll
@@ -502,6 +502,7 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
             ready, pending = [], []
             log.flush()
             ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+            faults.point("dpo.checkpoint")
         bar.update(1)
     bar.close()
     return state, step

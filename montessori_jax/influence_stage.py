@@ -133,6 +133,10 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
         hp = inf.AdamHP.from_warm_state(warm, icfg.lr)
+        if not hp.lr > 0:
+            raise UserError(f"{icfg.warm_state}: the warm-up ended at lr {hp.lr:g} (its schedule decayed to "
+                            "min_lr_ratio), so one step on any example changes nothing; set influence.lr, or "
+                            "warm up with a schedule that ends above zero (e.g. warmup.optim.min_lr_ratio=0.1)")
         p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
         ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
         probe_len = text.bucket_length(max(len(e) for e in probe))

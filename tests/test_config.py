@@ -345,4 +345,5 @@ def test_partial_section_keeps_its_default_instance_values():
     assert cfg.synthesis.response_sampling.max_new_tokens == 64
     assert cfg.synthesis.response_sampling.temperature == 0.6  # not GenerationConfig's 1.0
     assert cfg.warmup.optim.lr == 1e-5 and cfg.warmup.export is False  # not SFTConfig's True
+    assert cfg.warmup.optim.warmup_ratio == 1.0 and cfg.warmup.optim.decay_ratio == 0.0  # as the original
     assert cfg.sft.export is True and cfg.dpo.optim.lr == 1e-6
