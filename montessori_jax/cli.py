@@ -391,8 +391,55 @@ def _add_bench(sub) -> None:
 
 
 # Each entry adds one subcommand; later stages append theirs.
+def cmd_run(args) -> int:
+    from montessori_jax import pipeline
+    from montessori_jax.config import Config, load_config
+
+    cfg = load_config(Config, args.config, args.overrides)
+    run_dir = args.run_dir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.config))[0] if args.config else "default")
+    result = pipeline.run(cfg, run_dir, restart_from=args.restart_from, argv=sys.argv[1:])
+    print(result["table"])
+    print(f"results: {run_dir} (summary.json, summary.png; `montessori status {run_dir}` lists every stage)")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="every stage of a config: synthesize, warm-up, influence, preferences, DPO, train, eval",
+        description="One or more iterations of Montessori-Instruct (run.arm=montessori), the "
+        "Self-Instruct baseline (run.arm=self_instruct) or both, into one run directory with a "
+        "manifest.json of every stage's config, inputs and outputs (with hashes) and timings. "
+        "Rerunning on the same --run-dir resumes where it stopped; a finished stage whose "
+        "settings changed is an error unless --restart-from names it.",
+    )
+    p.add_argument("-c", "--config", default=None, help="a YAML preset, e.g. configs/default.yaml")
+    p.add_argument("--run-dir", default=None, help="the run directory (default: runs/<config name>)")
+    p.add_argument("--restart-from", default=None, metavar="STAGE",
+                   help="redo this stage (a name such as dpo, or a key such as iter1/montessori/dpo) "
+                   "and the later stages of its arm")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.arm=both")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_status(args) -> int:
+    from montessori_jax import pipeline
+
+    print(pipeline.format_status(pipeline.read_manifest(args.run_dir)))
+    return 0
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="the stages of a run directory as a table",
+                       description="Prints RUN_DIR/manifest.json as a table: each stage's status, "
+                       "seconds, and its outputs' sha256 prefixes.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_status)
+
+
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_preferences, _add_dpo, _add_bench]
+            _add_preferences, _add_dpo, _add_run, _add_status, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
