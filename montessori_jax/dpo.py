@@ -202,9 +202,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
             (s, sums), g = grad_fn(params, mb, ref_params)
             return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, jax.tree.map(jnp.add, m_acc, sums)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("count",) + METRIC_SUMS}
-        (g, s, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32), zero_sums), batch)
+        if batch["tokens"].shape[0] == 1:  # no accumulation: no zero-filled gradient buffer
+            (s, sums), g = grad_fn(params, jax.tree.map(lambda x: x[0], batch), ref_params)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("count",) + METRIC_SUMS}
+            (g, s, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32), zero_sums), batch)
         denom = jnp.maximum(sums["count"], 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         updates, opt_state = tx.update(g, state["opt_state"], params)
