@@ -391,6 +391,18 @@ def _add_bench(sub) -> None:
 
 
 # Each entry adds one subcommand; later stages append theirs.
+def _compilation_cache() -> None:
+    """Programs that stages compile again (the SFT step of the warm-up and of the training, the
+    sampler of each synthesis and eval) come from JAX's persistent cache, across runs too;
+    JAX_COMPILATION_CACHE_DIR chooses the folder."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "montessori_jax", "xla")
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def cmd_run(args) -> int:
     from montessori_jax import pipeline
     from montessori_jax.config import Config, load_config
@@ -398,6 +410,7 @@ def cmd_run(args) -> int:
     cfg = load_config(Config, args.config, args.overrides)
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0] if args.config else "default")
+    _compilation_cache()
     result = pipeline.run(cfg, run_dir, restart_from=args.restart_from, argv=sys.argv[1:])
     print(result["table"])
     print(f"results: {run_dir} (summary.json, summary.png; `montessori status {run_dir}` lists every stage)")

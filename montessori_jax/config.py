@@ -256,6 +256,9 @@ class SynthesisConfig:
     blacklist: tuple[str, ...] = INSTRUCTION_BLACKLIST  # whole words/phrases, any case
     rouge_threshold: float = 0.7  # drop when ROUGE-L F1 > this against a seed or a kept instruction
     splits: dict[str, int | float] | None = None  # e.g. {warmup: 100, probe: 400}, or fractions
+    # a seed prompt's records go to the `probe` split first when it has at least this many
+    # (DPO pairs probes within a prompt, so a lone probe can never be paired); 1: plain order
+    probe_min_samples: int = 1
     iteration: int = 0  # recorded in every row; part of the prompts' random stream
 
     def __post_init__(self):
@@ -272,6 +275,8 @@ class SynthesisConfig:
             raise ValueError(f"generated_shots={self.generated_shots} must be in [0, shots={self.shots}]")
         if not 0 <= self.min_chars <= self.max_chars:
             raise ValueError(f"need 0 <= min_chars ({self.min_chars}) <= max_chars ({self.max_chars})")
+        if self.probe_min_samples < 1:
+            raise ValueError(f"probe_min_samples={self.probe_min_samples} must be >= 1")
         if not 0 < self.rouge_threshold <= 1:
             raise ValueError(f"rouge_threshold={self.rouge_threshold} must be in (0, 1]")
         for key in self.seed_fields or {}:

@@ -483,6 +483,18 @@ def test_split_bounds(splits, bounds):
         records_lib.split_bounds(6, {"a": 3, "b": 4})
 
 
+def test_split_order_puts_pairable_prompts_in_probe():
+    from montessori_jax.synthesis.stage import split_order
+
+    recs = [{"seed_prompt": p, "i": i} for i, p in enumerate("abbcddde")]
+    order = [r["i"] for r in split_order(recs, {"warmup": 3, "probe": 5}, 2)]
+    assert order == [0, 3, 7, 1, 2, 4, 5, 6]  # a, c, e alone; then b b d d d
+    assert [r["i"] for r in split_order(recs, {"probe": 5, "warmup": 3}, 2)] == [1, 2, 4, 5, 6, 0, 3, 7]
+    assert [r["i"] for r in split_order(recs, {"warmup": 3, "probe": 5}, 1)] == list(range(8))
+    groups = [r["seed_prompt"] for r in split_order(recs, {"warmup": 3, "probe": 5}, 2)]
+    assert records_lib.split_bounds(8, {"warmup": 3, "probe": 5}, groups) == {"warmup": (0, 3), "probe": (3, 8)}
+
+
 def test_split_bounds_keep_groups_whole():
     groups = list("aaabbbbccd")  # 10 records, 4 prompts
     assert list(records_lib.split_bounds(10, {"w": 0.5, "p": 0.5}, groups).values()) == [(0, 7), (7, 10)]

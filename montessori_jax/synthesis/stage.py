@@ -248,14 +248,27 @@ def synthesize(
     records_lib.write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     if cfg.splits:
         # a seed prompt's samples stay in one split: DPO pairs them with each other
-        bounds = records_lib.split_bounds(len(journal.records), cfg.splits,
-                                          groups=[r["seed_prompt"] for r in journal.records])
+        ordered = split_order(journal.records, cfg.splits, cfg.probe_min_samples)
+        bounds = records_lib.split_bounds(len(ordered), cfg.splits, groups=[r["seed_prompt"] for r in ordered])
         for name, (start, end) in bounds.items():
             path = journal.path(f"{name}.jsonl")
-            records_lib.write_jsonl_atomic(path, journal.records[start:end])
+            records_lib.write_jsonl_atomic(path, ordered[start:end])
             summary["splits"][name] = {"path": path, "rows": end - start}
         records_lib.write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     return summary
+
+
+def split_order(records: Sequence[dict], splits, probe_min_samples: int) -> list[dict]:
+    """The records in the order the splits cut them: generation order, except that with
+    ``probe_min_samples`` > 1 the seed prompts with at least that many records are moved to the
+    side of the ``probe`` split (the end when it comes after another split, else the start),
+    keeping their order."""
+    if probe_min_samples <= 1 or "probe" not in splits:
+        return list(records)
+    sizes = collections.Counter(r["seed_prompt"] for r in records)
+    big = [r for r in records if sizes[r["seed_prompt"]] >= probe_min_samples]
+    small = [r for r in records if sizes[r["seed_prompt"]] < probe_min_samples]
+    return big + small if list(splits)[0] == "probe" else small + big
 
 
 def _sample_id(iteration: int, prompt_index: int, sample_index: int) -> str:
