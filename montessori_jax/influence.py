@@ -223,8 +223,19 @@ def make_ref_grad(graphdef):
     return jax.jit(f)
 
 
+def _remat_graphdef(graphdef, params):
+    """The same decoder with every layer rematerialized in the backward pass: a reference chunk
+    of 1024-token rows otherwise keeps every layer's attention and MLP activations at once
+    (tens of GB for SmolLM2 at 4 rows)."""
+    cfg = model_lib.merge_params(graphdef, params).cfg
+    if cfg.remat:
+        return graphdef
+    return model_lib.split_params(model_lib.abstract(dataclasses.replace(cfg, remat=True)))[0]
+
+
 def _sum_and_grad(graphdef, params, groups):
     """((sum, count), grad of sum): one backward per chunk, accumulated in the scan carry."""
+    graphdef = _remat_graphdef(graphdef, params)
 
     def chunk(carry, b):
         def loss(p):
