@@ -22,8 +22,6 @@ near-duplicates (a few words of an earlier candidate changed), so both dedup out
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
@@ -160,12 +158,3 @@ def format_table(result: dict) -> str:
     lines.append(f"  equality: {result['score_mismatches']} score mismatches in {rm['pairs']} sampled pairs, "
                  f"{result['decision_mismatches']} decision mismatches in {s['decision_checks']} full re-checks")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    """Write the result (to a temporary name, then renamed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)

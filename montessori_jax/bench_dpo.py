@@ -10,7 +10,6 @@ alike.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -182,9 +181,3 @@ def format_table(r: dict) -> str:
         f"last: ours {o['last_loss_cached']:.6f} / {o['last_loss_live']:.6f}, "
         f"pytorch {t['last_loss_cached']:.6f} / {t['last_loss_live']:.6f} (cached / live)",
     ])
-
-
-def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

@@ -13,7 +13,6 @@ without transformers: the GPU measurement at large batches.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -269,12 +268,3 @@ def format_table(result: dict) -> str:
     lines.append(f"compiled programs: {result['compiled_programs']} ({result['compile_s']:.1f} s, not timed); "
                  f"load average before/after: {result['load_average']['before']} / {result['load_average']['after']}")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    """Write the result (written to a temporary name, then renamed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)

@@ -230,9 +230,3 @@ def format_table(r: dict) -> str:
         f"exact vs first-order: Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.1%}; "
         f"original vs exact max |diff| {r['original_vs_exact_max_abs_diff']:.2e}",
     ])
-
-
-def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

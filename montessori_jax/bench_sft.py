@@ -4,7 +4,6 @@ side by side in one process."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -119,9 +118,3 @@ def format_table(r: dict) -> str:
         f"ratio (ours / pytorch tokens/s): {r['ratio']:.2f}x   (ours compiled in {r['ours_compile_s']:.1f} s)",
     ]
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

@@ -343,7 +343,7 @@ def _bench_dpo(args):
                                           length=args.length, steps=args.steps)
 
 
-# what -> a function (args) -> (module with format_table and write_json, result dict)
+# what -> a function (args) -> (module with format_table, result dict)
 BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence, "dedup": _bench_dedup,
            "dpo": _bench_dpo}
 
@@ -352,7 +352,9 @@ def cmd_bench(args) -> int:
     module, result = BENCHES[args.what](args)
     print(module.format_table(result))
     if args.json:
-        module.write_json(result, args.json)
+        from montessori_jax.files import write_json_atomic
+
+        write_json_atomic(args.json, result)
         print(f"results: {args.json}")
     return 0
 

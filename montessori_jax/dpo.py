@@ -47,6 +47,7 @@ from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, DPOConfig
 from montessori_jax.errors import UserError
 from montessori_jax.losses import token_nll
+from montessori_jax.files import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------
 # The loss
@@ -461,7 +462,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
         "model": export_dir,
         "checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")),
     }
-    sft._write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 

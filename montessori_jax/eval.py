@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_json_atomic
 
 PACKAGED_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference.jsonl")
@@ -330,13 +331,6 @@ def _check_name(name: str) -> None:
         raise UserError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (it names files)")
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -428,7 +422,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             if os.path.exists(answers_path) and (old is None or old.get("fingerprint") != meta["fingerprint"]):
                 raise UserError(f"{answers_path}: written with another model, other prompts or other sampling "
                                 "settings; use a new --out or remove the file")
-            _write_json(meta_path, meta)
+            write_json_atomic(meta_path, meta)
             done = read_done(answers_path)
             answers_todo = any((json.dumps(r["id"]), 0) not in done for r in prompt_rows)
 
@@ -445,7 +439,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                     nll = reference_nll(Scorer.of(model), tok, pairs, system=ecfg.system, max_len=ecfg.max_len,
                                         batch_size=ecfg.batch_size, progress=progress)
                 nll = {"fingerprint": nll_fp, "model": path, "data": data_path, **nll}
-                _write_json(nll_path, nll)
+                write_json_atomic(nll_path, nll)
                 seconds["nll"] = round(time.perf_counter() - t_nll, 3)
             if answers_todo:
                 t_ans = time.perf_counter()
@@ -475,7 +469,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
         "table": rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     plot_summary(rows, os.path.join(out_dir, "summary.png"))
     return summary
 

@@ -20,10 +20,8 @@ is read once and every example's update is a pure function of it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import time
 from typing import Sequence
 
 import jax
@@ -32,7 +30,6 @@ import numpy as np
 
 from montessori_jax import model as model_lib
 from montessori_jax import text
-from montessori_jax.errors import UserError
 from montessori_jax.losses import mean_token_nll, token_nll_per_position
 
 # ---------------------------------------------------------------------------------------------

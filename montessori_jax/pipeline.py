@@ -43,6 +43,7 @@ from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_json_atomic
 
 MANIFEST = "manifest.json"
 MONTESSORI_STAGES = ("synthesize", "warmup", "influence", "preferences", "dpo", "synthesize_train", "train", "eval")
@@ -150,8 +151,7 @@ class _Wiring:
 def plan(cfg: Config, run_dir: str, *, progress: bool = True, generator_factory=None) -> list[Stage]:
     """The stages of ``cfg`` in the order they run. ``generator_factory(teacher: ModelConfig)``
     replaces the teacher's sampler in synthesis (tests, other engines)."""
-    from montessori_jax import dpo, eval as eval_lib, influence_stage, preferences, sft
-    from montessori_jax.synthesis import synthesize
+    from montessori_jax import eval as eval_lib
 
     w = _Wiring(cfg, run_dir)
     stages: list[Stage] = []
@@ -271,7 +271,7 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
                 # nothing to prefer: the teacher goes on unchanged (the summary says so)
                 os.makedirs(d, exist_ok=True)
                 s = {"skipped": "no preference pairs", "pairs": 0, "model": None}
-                _write_json(j(d, "summary.json"), s)
+                write_json_atomic(j(d, "summary.json"), s)
                 return s, inputs, {"summary": j(d, "summary.json")}
             c = dataclasses.replace(cfg, teacher=teacher, dpo=dataclasses.replace(cfg.dpo, pairs=pairs))
             s = dpo.run_dpo(c, d, progress=progress)
@@ -314,15 +314,6 @@ def _read_json(path: str):
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def package_versions() -> dict:
@@ -458,7 +449,7 @@ def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress:
             shutil.rmtree(s.dir, ignore_errors=True)
             del manifest["stages"][s.key]
     manifest["order"] = [s.key for s in stages]
-    _write_json(path, manifest)
+    write_json_atomic(path, manifest)
 
     t_run = time.perf_counter()
     for s in stages:
@@ -472,25 +463,25 @@ def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress:
         rec = manifest["stages"].setdefault(s.key, {"name": s.name, "arm": s.arm, "iteration": s.iteration,
                                                     "dir": os.path.relpath(s.dir, run_dir), "seconds": 0.0})
         rec.update(status="running", config=s.config, started=rec.get("started") or _now(), attempts=rec.get("attempts", 0) + 1)
-        _write_json(path, manifest)
+        write_json_atomic(path, manifest)
         t0 = time.perf_counter()
         try:
             summary, inputs, outputs = s.run()
         except BaseException as e:
             rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:500],
                        seconds=rec["seconds"] + time.perf_counter() - t0)
-            _write_json(path, manifest)
+            write_json_atomic(path, manifest)
             raise
         rec.update(status="done", finished=_now(), seconds=round(rec["seconds"] + time.perf_counter() - t0, 3),
                    inputs=_files(inputs, run_dir), outputs=_files(outputs, run_dir),
                    summary=_brief(summary))
         rec.pop("error", None)
-        _write_json(path, manifest)
+        write_json_atomic(path, manifest)
 
     result = _final_summary(cfg, run_dir, stages)
     manifest["seconds_this_invocation"] = round(time.perf_counter() - t_run, 3)
     manifest["summary"] = os.path.join(run_dir, "summary.json")
-    _write_json(path, manifest)
+    write_json_atomic(path, manifest)
     return result
 
 
@@ -510,7 +501,7 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
         if summary is not None:
             rows.extend(eval_lib.summary_rows(summary, arm=s.arm, iteration=s.iteration))
     out = {"run_dir": run_dir, "rows": rows, "table": eval_lib.format_table(rows)}
-    _write_json(os.path.join(run_dir, "summary.json"), out)
+    write_json_atomic(os.path.join(run_dir, "summary.json"), out)
     eval_lib.plot_summary(rows, os.path.join(run_dir, "summary.png"))
     return out
 

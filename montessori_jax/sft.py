@@ -30,6 +30,7 @@ from montessori_jax.checkpoint import Checkpoints
 from montessori_jax.config import Config, SFTConfig
 from montessori_jax.errors import UserError
 from montessori_jax.losses import mean_token_nll
+from montessori_jax.files import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Data: examples -> (optionally packed) rows -> global batches [A, M, T]
@@ -243,7 +244,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
         return value
 
     bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
-    pending, t_last, tok_count = [], time.perf_counter(), 0.0
+    pending, t_last = [], time.perf_counter()
     step = start
     with jax.set_mesh(mesh):
         while step < total:
@@ -282,7 +283,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
             "weight_decay": o.weight_decay, "decay_norms": o.decay_norms, "grad_clip": o.grad_clip,
             "model": model_cfg.path, "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
             "schedule": dataclasses.asdict(o)}
-    _write_json(os.path.join(out_dir, "warm_state.json"), warm)
+    write_json_atomic(os.path.join(out_dir, "warm_state.json"), warm)
 
     export_dir = None
     if scfg.export:
@@ -293,12 +294,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     summary = {"steps": step, "examples": len(train_ex), "rows": len(rows), "truncated": n_truncated,
                "eval_examples": len(eval_ex), "eval_loss": final_eval, "last_lr": last_lr,
                "model": export_dir, "warm_state": os.path.join(out_dir, "warm_state.json")}
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -447,5 +447,7 @@ def test_bench_generate_runs_side_by_side(tiny_checkpoint, tmp_path):
     assert result["compiled_programs"] == 2 and result["machine"]["cpu_count"] >= 1
     table = bg.format_table(result)
     assert "transformers tok/s" in table and "compiled programs: 2" in table
-    bg.write_json(result, str(tmp_path / "b.json"))
+    from montessori_jax.files import write_json_atomic
+
+    write_json_atomic(str(tmp_path / "b.json"), result)
     assert json.load(open(tmp_path / "b.json"))["results"][0]["batch"] == 2

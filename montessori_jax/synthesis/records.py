@@ -214,9 +214,3 @@ def write_jsonl_atomic(path: str, rows: Iterable[Mapping]) -> None:
         raise
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from montessori_jax import faults
 from montessori_jax.config import ModelConfig
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_json_atomic
 from montessori_jax.synthesis import prompts as prompts_lib
 from montessori_jax.synthesis import records as records_lib
 from montessori_jax.synthesis.config import GenerationConfig, SynthesisConfig
@@ -245,7 +246,7 @@ def synthesize(
     bar.close()
 
     summary = _summary(journal, cfg, out_dir, teacher_id, time.perf_counter() - t0)
-    records_lib.write_json_atomic(journal.path(records_lib.SUMMARY), summary)
+    write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     if cfg.splits:
         # a seed prompt's samples stay in one split: DPO pairs them with each other
         ordered = split_order(journal.records, cfg.splits, cfg.probe_min_samples)
@@ -254,7 +255,7 @@ def synthesize(
             path = journal.path(f"{name}.jsonl")
             records_lib.write_jsonl_atomic(path, ordered[start:end])
             summary["splits"][name] = {"path": path, "rows": end - start}
-        records_lib.write_json_atomic(journal.path(records_lib.SUMMARY), summary)
+        write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     return summary
 
 
