@@ -47,7 +47,7 @@ from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, DPOConfig
 from montessori_jax.errors import UserError
 from montessori_jax.losses import token_nll
-from montessori_jax.files import write_json_atomic
+from montessori_jax.files import sha256_file, sha256_path, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------
 # The loss
@@ -226,29 +226,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
 # The reference log-prob cache
 
 
-def _sha256_file(path: str, h=None):
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h
-
-
 def weights_digest(path: str) -> str:
     """sha256 over a checkpoint's weight files: the .gguf, or config.json + *.safetensors."""
     from montessori_jax import weights
 
     path = weights.resolve_path(path)
-    if not os.path.isdir(path):
-        return _sha256_file(path).hexdigest()
-    h = hashlib.sha256()
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") or n == "config.json")
-    if not names:
+    if os.path.isdir(path) and not any(n.endswith(".safetensors") or n == "config.json" for n in os.listdir(path)):
         raise UserError(f"{path}: no config.json or *.safetensors to fingerprint")
-    for name in names:
-        h.update(name.encode() + b"\0")
-        _sha256_file(os.path.join(path, name), h)
-    return h.hexdigest()
+    return sha256_path(path, keep=lambda name: name.endswith(".safetensors") or name == "config.json")
 
 
 def reference_fingerprint(pairs_path: str, model_path: str, param_dtype: str, dtype: str, tok,
@@ -259,7 +244,7 @@ def reference_fingerprint(pairs_path: str, model_path: str, param_dtype: str, dt
         for ex in (p.chosen, p.rejected):
             tokens.update(np.int64(len(ex)).tobytes() + ex.tokens.tobytes() + ex.loss_mask.tobytes())
     parts = {
-        "pairs_sha256": _sha256_file(pairs_path).hexdigest(),
+        "pairs_sha256": sha256_file(pairs_path),
         "weights_sha256": weights_digest(model_path),
         "param_dtype": param_dtype,
         "dtype": dtype,

@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic
+from montessori_jax.files import sha256_path, write_json_atomic
 
 PACKAGED_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference.jsonl")
@@ -236,30 +236,12 @@ def _others(cfg, ecfg) -> dict:
 # Fingerprints: what a cached result was computed from
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(path: str) -> str:
     """SHA-256 over the model's files (names and contents): an HF folder's files, or one .gguf
     (``"smollm2"``: the embedded one). Costs one read of the weights."""
     from montessori_jax import weights
 
-    resolved = weights.resolve_path(path)
-    if os.path.isdir(resolved):
-        files = sorted(os.path.relpath(os.path.join(d, f), resolved)
-                       for d, _, names in os.walk(resolved) for f in names)
-        items = [(name, os.path.join(resolved, name)) for name in files]
-    else:
-        items = [(os.path.basename(resolved), resolved)]
-    h = hashlib.sha256()
-    for name, full in items:
-        h.update(json.dumps([name, _sha256_file(full)]).encode())
-    return h.hexdigest()[:16]
+    return sha256_path(weights.resolve_path(path))[:16]
 
 
 def _digest(obj) -> str:

@@ -3,6 +3,7 @@ flushed, then renamed over the target."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -17,3 +18,39 @@ def write_json_atomic(path: str, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_sha256_cache: dict[tuple, str] = {}
+
+
+def sha256_file(path: str) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime) in this process: the
+    pipeline's manifest, the DPO reference fingerprint and eval's model fingerprint all hash
+    the same weights."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha256_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                h.update(block)
+        _sha256_cache[key] = h.hexdigest()
+    return _sha256_cache[key]
+
+
+def sha256_path(path: str, keep=None) -> str | None:
+    """sha256 of a file; of a folder, over its files' relative names and contents in name order
+    (only names for which ``keep(name)`` is true, when given); None when nothing is there."""
+    if os.path.isfile(path):
+        return sha256_file(path)
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if keep is None or keep(rel):
+                h.update(rel.encode() + b"\0" + sha256_file(full).encode() + b"\n")
+    return h.hexdigest()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic
+from montessori_jax.files import sha256_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 MONTESSORI_STAGES = ("synthesize", "warmup", "influence", "preferences", "dpo", "synthesize_train", "train", "eval")
@@ -54,37 +53,6 @@ TRAIN_SEED_OFFSET = 7919
 
 # ---------------------------------------------------------------------------------------------
 # Hashes of inputs and outputs
-
-
-_hash_cache: dict[tuple, str] = {}
-
-
-def _sha256_file(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _hash_cache[key] = h.hexdigest()
-    return _hash_cache[key]
-
-
-def sha256_path(path: str) -> str | None:
-    """sha256 of a file; of a folder, over its files' relative names and contents in order;
-    None when the path does not exist."""
-    if os.path.isfile(path):
-        return _sha256_file(path)
-    if not os.path.isdir(path):
-        return None
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode() + b"\0" + _sha256_file(full).encode() + b"\n")
-    return h.hexdigest()
 
 
 def _model_file(path: str) -> str:
