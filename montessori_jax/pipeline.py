@@ -219,10 +219,9 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
             icfg = dataclasses.replace(cfg.influence, warm_state=j(warm_dir, "warm_state.json"),
                                        probe=j(synth_dir, "probe.jsonl"))
             s = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg), d, progress=progress)
-            from montessori_jax.influence_stage import PACKAGED_REFERENCE
-
             return s, {"warm_state": icfg.warm_state, "probe": icfg.probe,
-                       "reference": cfg.influence.reference or PACKAGED_REFERENCE}, {"scores": j(d, "scores.jsonl")}
+                       "reference": cfg.influence.reference or influence_stage.PACKAGED_REFERENCE}, {
+                "scores": j(d, "scores.jsonl")}
     elif name == "preferences":
         def run():
             pcfg = dataclasses.replace(cfg.preferences, scores=j(infl_dir, "scores.jsonl"),
