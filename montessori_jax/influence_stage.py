@@ -128,7 +128,8 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         tok = student.tok
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
-        ref = inf.make_ref_set(_examples(tok, ref_pairs, icfg, icfg.ref_max_len), icfg.ref_batch_size, pad_id)
+        ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
+        ref = inf.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)
         ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
@@ -158,7 +159,14 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             _, base_nll32 = inf.make_baseline(student.graphdef)(sp, ref.groups)
         g_ref = None
         if want_fo:
-            _, g_ref = inf.make_ref_grad(student.graphdef)(sp, ref.groups)
+            plan = inf.plan_ref_grad(student.cfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction)
+            if progress:
+                print(f"influence: grad L_ref over {plan['rows_per_chunk']} reference row(s) per chunk, "
+                      f"{'with' if plan['remat'] else 'without'} remat (estimated "
+                      f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
+            grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else inf.make_ref_set(
+                ref_examples, plan["rows_per_chunk"], pad_id)
+            _, g_ref = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)
         fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0
