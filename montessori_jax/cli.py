@@ -373,8 +373,9 @@ def _add_bench(sub) -> None:
                    help="sft: examples per step; influence: B; dpo: pairs per step")
     p.add_argument("--length", type=int, default=256, help="sft, dpo: tokens per row; generate --random: prompt tokens")
     p.add_argument("--steps", type=int, default=5, help="sft, dpo: timed steps")
-    p.add_argument("--ref-rows", type=int, default=32, help="influence: D_ref rows")
-    p.add_argument("--probes", type=int, default=16, help="influence: probing examples")
+    p.add_argument("--ref-rows", type=int, default=16, help="influence: D_ref rows")
+    p.add_argument("--probes", type=int, default=32,
+                   help="influence: probing examples ((c) pays grad L_ref once, so c/b grows with this)")
     p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
     p.add_argument("--batch-sizes", default="1,16", help="generate: comma-separated batch sizes")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per row (no early stop)")
