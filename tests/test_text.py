@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from conftest import SENTENCES, make_tiny_tokenizer
+from conftest import make_tiny_tokenizer
 from montessori_jax import text
 from montessori_jax.errors import UserError
 
