@@ -73,6 +73,17 @@ def test_cli_outputs_and_summary(warm, capsys):
         assert r["ref_loss_after"] == pytest.approx(summary["baseline_ref_loss"] - r["influence"], abs=1e-6)
 
 
+def test_profile_writes_a_trace_of_the_influence_program(warm):
+    d, warm_dir, probe, ref = warm
+    trace_dir = d / "trace"
+    assert main(["influence", "--out", str(d / "profiled"), "--profile", str(trace_dir),
+                 "--estimator", "first_order", *_args(warm_dir, probe, ref)]) == 0
+    traces = [os.path.join(root, f) for root, _, files in os.walk(trace_dir) for f in files
+              if f.endswith((".xplane.pb", ".trace.json.gz"))]
+    assert traces and all(os.path.getsize(t) > 0 for t in traces), traces
+    assert len(open(d / "profiled" / "scores.jsonl").read().splitlines()) == 10
+
+
 def test_resume_after_kill_gives_the_same_scores(warm):
     d, warm_dir, probe, ref = warm
     full = d / "full"
