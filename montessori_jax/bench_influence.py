@@ -28,10 +28,9 @@ from montessori_jax import optim, sft, text, weights
 from montessori_jax.bench_generate import machine_info
 from montessori_jax.checkpoint import Checkpoints
 from montessori_jax.config import OptimConfig
+from montessori_jax.errors import UserError
+from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-DEFAULT_REF = os.path.join(SHARED, "reference_alpaca_eval_gpt4_1106.jsonl")
-DEFAULT_PROBES = os.path.join(SHARED, "self_instruct_seed_tasks.jsonl")
 ORIGINAL_LEN = 1024
 
 
@@ -60,8 +59,15 @@ def _timed(fn, *args):
 
 def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, n_original: int = 3,
                     lr: float = 5e-6, batch_size: int | None = None, ref_rows_per_chunk: int = 4,
-                    ref_path: str = DEFAULT_REF, probe_path: str = DEFAULT_PROBES, progress: bool = True) -> dict:
+                    ref_path: str | None = None, probe_path: str | None = None, progress: bool = True) -> dict:
+    """``ref_path``, ``probe_path``: by default the shared data sets (``files.shared_data_path``)."""
     say = print if progress else (lambda *a, **k: None)
+    ref_path = ref_path or shared_data_path("reference_alpaca_eval_gpt4_1106.jsonl")
+    probe_path = probe_path or shared_data_path("self_instruct_seed_tasks.jsonl")
+    for path in (ref_path, probe_path):
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file (bench influence reads the shared data sets; "
+                            f"set {SHARED_DATA_ENV} to the folder that holds them)")
     m = weights.load_model(model)
     cfg = m.cfg
     tok = text.load_tokenizer(model)

@@ -1,5 +1,6 @@
-"""Writing JSON so that a reader never sees half a file: a temporary name in the same folder,
-flushed, then renamed over the target."""
+"""Files: JSON written so that a reader never sees half a file (a temporary name in the same
+folder, flushed, then renamed over the target), cached sha256 digests, and where the
+project's shared data sets are."""
 
 from __future__ import annotations
 
@@ -54,3 +55,15 @@ def sha256_path(path: str, keep=None) -> str | None:
             if keep is None or keep(rel):
                 h.update(rel.encode() + b"\0" + sha256_file(full).encode() + b"\n")
     return h.hexdigest()
+
+
+SHARED_DATA_ENV = "MONTESSORI_SHARED_DATA"
+
+
+def shared_data_path(name: str) -> str:
+    """A file of the project's shared data sets (the Self-Instruct seed tasks, the original
+    reference set) for benchmarks and tests: under $MONTESSORI_SHARED_DATA, else in
+    ``shared/data`` beside the repository (a development layout; they are not packaged)."""
+    folder = os.environ.get(SHARED_DATA_ENV) or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+    return os.path.normpath(os.path.join(folder, name))

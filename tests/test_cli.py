@@ -84,6 +84,14 @@ def test_version_and_help(capsys):
     assert "score" in capsys.readouterr().out
 
 
+def test_bench_influence_without_the_shared_data_names_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MONTESSORI_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert main(["bench", "influence"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}" in err and "MONTESSORI_SHARED_DATA" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_bad_jsonl_line_names_file_and_line_and_keeps_old_output(tiny_checkpoint, tmp_path, capsys):
     folder, _ = tiny_checkpoint
     inp = tmp_path / "in.jsonl"

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from montessori_jax.errors import UserError
+from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
 from montessori_jax.synthesis import (
     DROP_REASONS,
     Completion,
@@ -26,9 +27,13 @@ from montessori_jax.synthesis.filters import normalize
 from montessori_jax.synthesis.prompts import DEFAULT_PREAMBLE
 from montessori_jax.synthesis.rouge import lcs_length, tokenize
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-SELF_INSTRUCT = os.path.join(SHARED, "self_instruct_seed_tasks.jsonl")
-REFERENCE = os.path.join(SHARED, "reference_alpaca_eval_gpt4_1106.jsonl")
+SELF_INSTRUCT = shared_data_path("self_instruct_seed_tasks.jsonl")
+REFERENCE = shared_data_path("reference_alpaca_eval_gpt4_1106.jsonl")
+# the project's shared data sets sit beside the repository, not in it: a clone elsewhere skips
+# the tests that read them, with this reason, unless MONTESSORI_SHARED_DATA points at them
+needs_shared_data = pytest.mark.skipif(
+    not (os.path.exists(SELF_INSTRUCT) and os.path.exists(REFERENCE)),
+    reason=f"shared data not found at {os.path.dirname(SELF_INSTRUCT)} (set {SHARED_DATA_ENV})")
 
 
 def write_jsonl(path, rows):
@@ -58,6 +63,16 @@ def test_seed_formats_alpaca_self_instruct_plain_and_mapping(tmp_path):
     assert [t.text for t in tasks] == ["Sum the numbers. 1, 2, 3", "Name a color."]
     assert tasks[0].output == "6" and tasks[1].where.endswith("a.jsonl, line 2")
 
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Tell a joke."}, "", {"instruction": "Hi there."}])
+    assert [t.text for t in load_seed_pool(plain)] == ["Tell a joke.", "Hi there."]
+
+    mapped = write_jsonl(tmp_path / "m.jsonl", [{"question": "Why is ice slippery?", "context": "in winter"}])
+    tasks = load_seed_pool(mapped, fields={"instruction": "question", "input": "context"})
+    assert tasks[0].text == "Why is ice slippery? in winter"
+
+
+@needs_shared_data
+def test_seed_pool_in_the_self_instruct_format():
     si = load_seed_pool(SELF_INSTRUCT)
     assert len(si) == 175
     first = json.loads(open(SELF_INSTRUCT).readline())
@@ -65,13 +80,6 @@ def test_seed_formats_alpaca_self_instruct_plain_and_mapping(tmp_path):
     assert si[0].output == first["instances"][0]["output"].strip()
     with_input = next(t for t in si if t.input)
     assert with_input.text == f"{with_input.instruction} {with_input.input}"
-
-    plain = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Tell a joke."}, "", {"instruction": "Hi there."}])
-    assert [t.text for t in load_seed_pool(plain)] == ["Tell a joke.", "Hi there."]
-
-    mapped = write_jsonl(tmp_path / "m.jsonl", [{"question": "Why is ice slippery?", "context": "in winter"}])
-    tasks = load_seed_pool(mapped, fields={"instruction": "question", "input": "context"})
-    assert tasks[0].text == "Why is ice slippery? in winter"
 
 
 def test_seed_pool_from_a_saved_datasets_folder(tmp_path):
@@ -118,14 +126,20 @@ def test_packaged_pool_and_reference_set():
     ref = [json.loads(line) for line in open(packaged_data_path("reference.jsonl"), encoding="utf-8")]
     assert len(ref) == 64
     assert all(isinstance(r["instruction"], str) and isinstance(r["response"], str) and r["response"] for r in ref)
-    # written for the package: no task shared with the seed pool, and nothing from ../shared/data
+    # written for the package: no task shared between the seed pool and the reference set
     seed_texts = {t.instruction for t in seeds}
     assert not seed_texts & {r["instruction"] for r in ref}
-    shared = {json.loads(line)["instruction"] for path in (SELF_INSTRUCT, REFERENCE) for line in open(path)}
-    assert not (seed_texts | {r["instruction"] for r in ref}) & shared
     # every seed passes the filters it is shown with
     filt = InstructionFilter([])
     assert all(filt.check(f"<instruction>{t.text}</instruction>").reason in (None, "too_long") for t in seeds)
+
+
+@needs_shared_data
+def test_packaged_data_takes_nothing_from_the_shared_data():
+    packaged = {t.instruction for t in load_seed_pool()}
+    packaged |= {json.loads(line)["instruction"] for line in open(packaged_data_path("reference.jsonl"), encoding="utf-8")}
+    shared = {json.loads(line)["instruction"] for path in (SELF_INSTRUCT, REFERENCE) for line in open(path)}
+    assert len(shared) > 400 and not packaged & shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +305,7 @@ def _mutate(text, rng):
     return " ".join(words)
 
 
+@needs_shared_data
 def test_rouge_l_equals_rouge_score_on_shared_data():
     from rouge_score import rouge_scorer  # a test dependency: the reference implementation
 
