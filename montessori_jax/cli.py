@@ -393,7 +393,6 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-# Each entry adds one subcommand; later stages append theirs.
 def _compilation_cache() -> None:
     """Programs that stages compile again (the SFT step of the warm-up and of the training, the
     sampler of each synthesis and eval) come from JAX's persistent cache, across runs too;
@@ -454,6 +453,7 @@ def _add_status(sub) -> None:
     p.set_defaults(func=cmd_status)
 
 
+# Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
             _add_preferences, _add_dpo, _add_run, _add_status, _add_bench]
 

@@ -476,9 +476,12 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
                             margin=f"{last['rewards/margin']:.3f}")
 
     step = start
+    order, order_epoch = None, None
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
-        idx = sft.epoch_order(encoded, G, seed, epoch)[k]
+        if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
+            order, order_epoch = sft.epoch_order(encoded, G, seed, epoch), epoch
+        idx = order[k]
         state, m = step_fn(state, put(make_batch(encoded, idx, G, M, pad_id, ref)))
         step += 1
         write(ready)

@@ -29,8 +29,8 @@ from montessori_jax import faults, optim, text
 from montessori_jax.checkpoint import Checkpoints
 from montessori_jax.config import Config, SFTConfig
 from montessori_jax.errors import UserError
-from montessori_jax.losses import mean_token_nll
 from montessori_jax.files import write_json_atomic
+from montessori_jax.losses import mean_token_nll
 
 # ---------------------------------------------------------------------------------------------
 # Data: examples -> (optionally packed) rows -> global batches [A, M, T]
@@ -245,11 +245,14 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
 
     bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
     pending, t_last = [], time.perf_counter()
+    order, order_epoch = None, None
     step = start
     with jax.set_mesh(mesh):
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
-            idx = epoch_order(rows, G, cfg.seed, epoch)[k]
+            if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
+                order, order_epoch = epoch_order(rows, G, cfg.seed, epoch), epoch
+            idx = order[k]
             batch = global_batch(rows, idx, G, M, buckets, pad_id)
             batch = jax.device_put(batch, batch_shardings(mesh, rules, batch))
             state, m = step_fn(state, batch)
@@ -296,5 +299,3 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
                "model": export_dir, "warm_state": os.path.join(out_dir, "warm_state.json")}
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
-
-
