@@ -46,8 +46,8 @@ from montessori_jax import model as model_lib
 from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, DPOConfig
 from montessori_jax.errors import UserError
+from montessori_jax.files import sha256_file, sha256_path, write_json_atomic, write_lines_atomic
 from montessori_jax.losses import token_nll
-from montessori_jax.files import sha256_file, sha256_path, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------
 # The loss
@@ -283,9 +283,7 @@ def _read_cache(path: str, fingerprint: str) -> dict[int, tuple[float, float]] |
             break
         good.append(line)
     if len(good) != len(lines):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(good)
-        os.replace(path + ".tmp", path)
+        write_lines_atomic(path, good)
     return rows
 
 
@@ -301,10 +299,7 @@ def reference_logps(path: str, header: dict, pairs: Sequence[PairExample], logps
     rows = _read_cache(path, header["fingerprint"])
     status = "reused" if rows is not None else "computed"
     if rows is None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(json.dumps(header) + "\n")
-        os.replace(path + ".tmp", path)
+        write_lines_atomic(path, [json.dumps(header) + "\n"])
         rows = {}
     todo = sorted((i for i in range(n) if i not in rows), key=lambda i: (len(pairs[i]), i))
     if todo and status == "reused":

@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import sha256_path, write_json_atomic
+from montessori_jax.files import sha256_path, write_json_atomic, write_jsonl_atomic
 
 PACKAGED_EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference.jsonl")
@@ -377,7 +377,6 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                               max_new_tokens=ecfg.max_new_tokens, n=1, seed=cfg.seed)
     prompts_path = os.path.join(out_dir, "prompts.jsonl")
     if prompt_rows is not None:
-        from montessori_jax.scoring import write_jsonl_atomic
 
         clean = [{k: v for k, v in r.items() if k != "_where"} for r in prompt_rows]
         write_jsonl_atomic(prompts_path, clean)

@@ -1,5 +1,5 @@
-"""Files: JSON written so that a reader never sees half a file (a temporary name in the same
-folder, flushed, then renamed over the target), cached sha256 digests, and where the
+"""Files: JSON and JSONL written so that a reader never sees half a file (a temporary name in
+the same folder, flushed, then renamed over the target), cached sha256 digests, and where the
 project's shared data sets are."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -19,6 +20,28 @@ def write_json_atomic(path: str, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_lines_atomic(path: str, lines: Iterable[str]) -> None:
+    """Write ``lines`` (each with its newline) to a temporary name beside ``path``, flush, then
+    rename over ``path``; on any error the temporary file goes and ``path`` is untouched."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[Mapping]) -> None:
+    """One JSON object per line, written as ``write_lines_atomic`` does."""
+    write_lines_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 _sha256_cache: dict[tuple, str] = {}

@@ -22,6 +22,7 @@ from montessori_jax import model as model_lib
 from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, InfluenceConfig, OptimConfig
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_lines_atomic
 
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference.jsonl")
 
@@ -97,9 +98,7 @@ def _done_ids(path: str) -> set:
             if line.endswith("\n"):
                 done.add(json.dumps(row["id"]))
                 good.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(good)
-    os.replace(path + ".tmp", path)
+    write_lines_atomic(path, good)
     return done
 
 

@@ -7,6 +7,7 @@ import json
 import os
 
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_lines_atomic
 
 
 class MetricsLog:
@@ -25,9 +26,7 @@ class MetricsLog:
                         continue
                     if row.get("step", 0) <= resume_from:
                         kept.append(line if line.endswith("\n") else line + "\n")
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+            write_lines_atomic(path, kept)
         elif os.path.exists(path):
             os.remove(path)
         self._f = open(path, "a")

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from montessori_jax.config import Config, PreferencesConfig
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_json_atomic, write_jsonl_atomic
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -187,7 +188,7 @@ def join_scores(scores: Sequence[Mapping], records: Sequence[Mapping], score_fie
 
 def run_preferences(cfg: Config, out_dir: str) -> dict:
     """Read the scores and the probing records, write ``pairs.jsonl`` and ``summary.json``."""
-    from montessori_jax.scoring import read_jsonl, write_jsonl_atomic
+    from montessori_jax.scoring import read_jsonl
 
     pcfg: PreferencesConfig = cfg.preferences
     scores_path = _resolve(pcfg.scores, "scores.jsonl", "scores")
@@ -202,8 +203,5 @@ def run_preferences(cfg: Config, out_dir: str) -> dict:
                "min_margin": pcfg.min_margin, "max_pairs_per_prompt": pcfg.max_pairs_per_prompt,
                "score_field": pcfg.score_field, "scores": os.path.abspath(scores_path),
                "probe": os.path.abspath(records_path), "pairs_file": os.path.abspath(pairs_path)}
-    tmp = os.path.join(out_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary

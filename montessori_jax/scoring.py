@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from montessori_jax import model as model_lib
 from montessori_jax import text
 from montessori_jax.errors import UserError
+from montessori_jax.files import write_jsonl_atomic
 from montessori_jax.losses import token_nll
 
 
@@ -38,21 +39,6 @@ def read_jsonl(path: str) -> list[dict]:
             row["_line"] = n
             rows.append(row)
     return rows
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
-    """Write to a temporary name beside ``path`` and rename when complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> text.Example:

@@ -198,19 +198,3 @@ def _raw_split_bounds(n: int, splits: Mapping[str, int | float]) -> dict[str, tu
     return out
 
 
-def write_jsonl_atomic(path: str, rows: Iterable[Mapping]) -> None:
-    """Write to a temporary name beside ``path``, then rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from montessori_jax import faults
 from montessori_jax.config import ModelConfig
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic
+from montessori_jax.files import write_json_atomic, write_jsonl_atomic
 from montessori_jax.synthesis import prompts as prompts_lib
 from montessori_jax.synthesis import records as records_lib
 from montessori_jax.synthesis.config import GenerationConfig, SynthesisConfig
@@ -253,7 +253,7 @@ def synthesize(
         bounds = records_lib.split_bounds(len(ordered), cfg.splits, groups=[r["seed_prompt"] for r in ordered])
         for name, (start, end) in bounds.items():
             path = journal.path(f"{name}.jsonl")
-            records_lib.write_jsonl_atomic(path, ordered[start:end])
+            write_jsonl_atomic(path, ordered[start:end])
             summary["splits"][name] = {"path": path, "rows": end - start}
         write_json_atomic(journal.path(records_lib.SUMMARY), summary)
     return summary
