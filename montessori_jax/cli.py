@@ -414,7 +414,7 @@ def cmd_run(args) -> int:
         "runs", os.path.splitext(os.path.basename(args.config))[0] if args.config else "default")
     _compilation_cache()
     result = pipeline.run(cfg, run_dir, restart_from=args.restart_from, argv=sys.argv[1:])
-    print(result["table"])
+    print(result["report"])
     print(f"results: {run_dir} (summary.json, summary.png; `montessori status {run_dir}` lists every stage)")
     return 0
 
@@ -453,9 +453,31 @@ def _add_status(sub) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def cmd_compare(args) -> int:
+    from montessori_jax import compare
+    from montessori_jax.files import write_json_atomic
+
+    result = compare.compare(args.run_dirs)
+    print(compare.format_comparison(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="several runs' summaries side by side, with mean and spread",
+                       description="Reads RUN_DIR/summary.json of each `montessori run` directory (for "
+                       "example the same config at several seeds) and prints each student's reference-answer "
+                       "NLL per run with mean and sample std, and per iteration the Montessori - Self-Instruct "
+                       "NLL difference, the teacher shift and the DPO held-out reward accuracy with their spread.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
 # Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_preferences, _add_dpo, _add_run, _add_status, _add_bench]
+            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -342,12 +342,19 @@ class RunConfig:
     train_instructions: int = 64  # instructions in each student's training set
     train_max_prompts: int | None = None  # the training synthesis' prompt budget; null: synthesis' rule
     eval_base: bool = True  # also evaluate the initial student (iteration 0)
+    # after DPO: influence on the warm student of the optimized teacher's training instructions
+    # against the initial teacher's (the Self-Instruct arm's training set with arm=both, else the
+    # probing set), with influence.estimator; the run's report shows the difference and its CI
+    teacher_shift: bool = True
+    shift_instructions: int | None = None  # instructions per teacher; null: all (the smaller set's size)
 
     def __post_init__(self):
         if self.iterations < 1:
             raise ValueError(f"iterations={self.iterations} must be >= 1")
         if self.train_instructions < 1:
             raise ValueError(f"train_instructions={self.train_instructions} must be >= 1")
+        if self.shift_instructions is not None and self.shift_instructions < 2:
+            raise ValueError(f"shift_instructions={self.shift_instructions} must be >= 2 (null: all)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,14 @@ from montessori_jax.errors import UserError
 from montessori_jax.files import write_lines_atomic
 
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference.jsonl")
+# the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
+_REF_CACHE: dict[tuple, dict] = {}
+
+
+def _stamp(path: str) -> tuple[str, int]:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "warm_state.json")):
+        path = os.path.join(path, "warm_state.json")
+    return os.path.abspath(path), os.stat(path).st_mtime_ns
 
 
 def read_warm_state(path: str) -> dict:
@@ -149,7 +157,17 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         want_exact = icfg.estimator in ("exact", "both")
         want_fo = icfg.estimator in ("first_order", "both")
         sp = student.params
-        baseline, base_nll = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+        # L_ref and its gradient depend on the warm state and D_ref alone: a second scoring of
+        # other probes on the same warm student (the teacher shift) reuses them in-process
+        # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
+        ref_key = (_stamp(icfg.warm_state), warm["step"], _stamp(ref_path), icfg.ref_max_len,
+                   icfg.ref_batch_size, icfg.system, icfg.param_dtype, icfg.memory_fraction)
+        cached = _REF_CACHE.get(ref_key, {})
+        _REF_CACHE.clear()
+        _REF_CACHE[ref_key] = cached
+        if "baseline" not in cached:
+            cached["baseline"] = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+        baseline, base_nll = cached["baseline"]
         baseline = float(baseline)
         exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
@@ -165,7 +183,9 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                       f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
             grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else inf.make_ref_set(
                 ref_examples, plan["rows_per_chunk"], pad_id)
-            _, g_ref = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)
+            if "g_ref" not in cached:
+                cached["g_ref"] = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)[1]
+            g_ref = cached["g_ref"]
         fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0

@@ -10,6 +10,8 @@
                       /preferences/ pairs.jsonl
                       /dpo/         the optimized teacher (dpo/model)
                       /synthesize_train/  the training set, from the optimized teacher
+                      /teacher_shift/     influence of the initial vs the optimized teacher's
+                                    instructions on the warm student (run.teacher_shift)
                       /train/       the student trained on it (train/model)
                       /eval/
       iter1/self_instruct/synthesize_train, train, eval   (the baseline arm: same budget,
@@ -45,7 +47,8 @@ from montessori_jax.errors import UserError
 from montessori_jax.files import sha256_path, write_json_atomic
 
 MANIFEST = "manifest.json"
-MONTESSORI_STAGES = ("synthesize", "warmup", "influence", "preferences", "dpo", "synthesize_train", "train", "eval")
+MONTESSORI_STAGES = ("synthesize", "warmup", "influence", "preferences", "dpo", "synthesize_train",
+                     "teacher_shift", "train", "eval")
 BASELINE_STAGES = ("synthesize_train", "train", "eval")
 # the training sets are drawn from their own random stream, not the probing set's
 TRAIN_SEED_OFFSET = 7919
@@ -141,13 +144,26 @@ def plan(cfg: Config, run_dir: str, *, progress: bool = True, generator_factory=
                             {"eval": _plain(cfg.eval), "student": _plain(cfg.student)}, run_base_eval))
 
     for k in range(1, cfg.run.iterations + 1):
-        for arm in _arms(cfg):
-            names = MONTESSORI_STAGES if arm == "montessori" else BASELINE_STAGES
-            for name in names:
-                d = w.dir(k, arm, name)
-                stages.append(Stage(f"iter{k}/{arm}/{name}", name, arm, k, d,
-                                    _stage_config(cfg, name, k), _runner(cfg, w, name, k, arm, d, progress, gen)))
+        for arm, name in _iteration_order(cfg):
+            d = w.dir(k, arm, name)
+            stages.append(Stage(f"iter{k}/{arm}/{name}", name, arm, k, d,
+                                _stage_config(cfg, name, k), _runner(cfg, w, name, k, arm, d, progress, gen)))
     return stages
+
+
+def _iteration_order(cfg: Config) -> list[tuple[str, str]]:
+    """(arm, stage) of one iteration in the order they run. With both arms, the baseline's
+    training set is synthesized before the teacher shift, which scores it against the
+    optimized teacher's; then each arm trains and is evaluated."""
+    arms = _arms(cfg)
+    names = {"montessori": [n for n in MONTESSORI_STAGES if n != "teacher_shift" or cfg.run.teacher_shift],
+             "self_instruct": list(BASELINE_STAGES)}
+    if len(arms) == 1:
+        return [(arms[0], n) for n in names[arms[0]]]
+    cut = names["montessori"].index("synthesize_train") + 1
+    return ([("montessori", n) for n in names["montessori"][:cut]] + [("self_instruct", "synthesize_train")]
+            + [("montessori", n) for n in names["montessori"][cut:]]
+            + [("self_instruct", n) for n in names["self_instruct"][1:]])
 
 
 def _eval_outputs(summary: dict, d: str) -> dict:
@@ -185,11 +201,14 @@ def _stage_config(cfg: Config, name: str, k: int) -> dict:
         return {"seed": cfg.seed, "student": model(cfg.student), "sft": _plain(cfg.sft)}
     if name == "eval":
         return {"eval": _plain(cfg.eval), "student": model(cfg.student)}
+    if name == "teacher_shift":
+        return {"seed": cfg.seed, "influence": _plain(cfg.influence), "shift_instructions": cfg.run.shift_instructions,
+                "arm": cfg.run.arm}
     raise ValueError(name)
 
 
 def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progress: bool, gen):
-    from montessori_jax import dpo, eval as eval_lib, influence_stage, preferences, sft
+    from montessori_jax import dpo, eval as eval_lib, influence_stage, preferences, sft, teacher_shift
     from montessori_jax.synthesis import synthesize
 
     synth_dir, warm_dir = w.dir(k, arm, "synthesize"), w.dir(k, arm, "warmup")
@@ -249,6 +268,19 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
             s = synthesize(_train_synthesis(cfg, k), d, teacher=teacher, seed=cfg.seed + TRAIN_SEED_OFFSET,
                            generator=gen(teacher), progress=progress)
             return s, {"teacher": _model_file(teacher.path)}, {"records": j(d, "records.jsonl")}
+    elif name == "teacher_shift":
+        def run():
+            optimized = j(train_synth_dir, "records.jsonl")
+            if "self_instruct" in _arms(cfg):
+                initial, source = j(w.dir(k, "self_instruct", "synthesize_train"), "records.jsonl"), \
+                    "the Self-Instruct arm's training set (the unoptimized teacher)"
+            else:
+                initial, source = j(synth_dir, "probe.jsonl"), "this iteration's probing set (the teacher before DPO)"
+            s = teacher_shift.run_teacher_shift(cfg, d, warm_state=j(warm_dir, "warm_state.json"), initial=initial,
+                                                optimized=optimized, n=cfg.run.shift_instructions,
+                                                initial_source=source, progress=progress)
+            return s, {"warm_state": j(warm_dir, "warm_state.json"), "initial": initial, "optimized": optimized}, {
+                "summary": j(d, "summary.json"), "scores": j(d, "influence", "scores.jsonl")}
     elif name == "train":
         def run():
             student = w.student(k, arm)
@@ -457,8 +489,22 @@ def _brief(summary: dict) -> dict:
     return {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+def _format_heldout(h: dict, iteration: int | None) -> str:
+    b, a = h["before"], h["after"]
+    return (f"DPO held-out pairs{f' iter{iteration}' if iteration else ''} ({h['pairs']}): reward accuracy "
+            f"{b['reward_accuracy']:.2f} -> {a['reward_accuracy']:.2f}, margin {b['margin']:+.4f} -> {a['margin']:+.4f}, "
+            f"loss {b['loss']:.4f} -> {a['loss']:.4f}")
+
+
+def _arm_differences(rows: list[dict]) -> dict[int, float]:
+    """iteration -> the Montessori student's reference NLL minus the Self-Instruct student's."""
+    by = {(r.get("arm"), r.get("iteration")): r.get("ref_nll") for r in rows}
+    return {k: by[("montessori", k)] - by[("self_instruct", k)] for (arm, k) in by
+            if arm == "montessori" and by.get(("self_instruct", k)) is not None and by[(arm, k)] is not None}
+
+
 def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
-    from montessori_jax import eval as eval_lib
+    from montessori_jax import eval as eval_lib, teacher_shift
 
     rows = []
     for s in stages:
@@ -468,6 +514,24 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
         if summary is not None:
             rows.extend(eval_lib.summary_rows(summary, arm=s.arm, iteration=s.iteration))
     out = {"run_dir": run_dir, "rows": rows, "table": eval_lib.format_table(rows)}
+    report = [out["table"]]
+    shifts, heldout = [], []
+    for s in stages:
+        if s.name == "teacher_shift":
+            summary = teacher_shift.read_summary(os.path.join(s.dir, "summary.json"))
+            if summary is not None:
+                shifts.append({"iteration": s.iteration, **summary})
+                report.append(teacher_shift.format_lines(summary, f"iter{s.iteration}" if cfg.run.iterations > 1 else ""))
+        elif s.name == "dpo":
+            summary = _read_json(os.path.join(s.dir, "summary.json")) or {}
+            if summary.get("heldout"):
+                heldout.append({"iteration": s.iteration, **summary["heldout"]})
+                report.append(_format_heldout(summary["heldout"], s.iteration if cfg.run.iterations > 1 else None))
+    if len(rows) and "self_instruct" in _arms(cfg) and "montessori" in _arms(cfg):
+        out["nll_difference"] = _arm_differences(rows)
+        report.extend(f"Montessori - Self-Instruct student, iter{k}: reference-answer NLL {d:+.4f} (< 0: Montessori better)"
+                      for k, d in sorted(out["nll_difference"].items()))
+    out.update(teacher_shift=shifts, dpo_heldout=heldout, report="\n\n".join(report))
     write_json_atomic(os.path.join(run_dir, "summary.json"), out)
     eval_lib.plot_summary(rows, os.path.join(run_dir, "summary.png"))
     return out

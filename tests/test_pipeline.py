@@ -45,9 +45,13 @@ def test_both_arms_two_iterations(both_arms_run, tiny_checkpoint):
     m = json.load(open(os.path.join(run_dir, "manifest.json")))
     keys = m["order"]
     assert keys[0] == "base/eval"
-    assert keys[1:9] == [f"iter1/montessori/{s}" for s in pipeline.MONTESSORI_STAGES]
-    assert keys[9:12] == [f"iter1/self_instruct/{s}" for s in pipeline.BASELINE_STAGES]
-    assert len(keys) == 1 + 2 * (8 + 3)
+    # the baseline's training set comes before the teacher shift, which scores it
+    assert keys[1:13] == [f"iter1/{s}" for s in (
+        "montessori/synthesize", "montessori/warmup", "montessori/influence", "montessori/preferences",
+        "montessori/dpo", "montessori/synthesize_train", "self_instruct/synthesize_train",
+        "montessori/teacher_shift", "montessori/train", "montessori/eval", "self_instruct/train",
+        "self_instruct/eval")]
+    assert len(keys) == 1 + 2 * (9 + 3)
     assert all(m["stages"][k]["status"] == "done" for k in keys)
     assert m["config"]["run"]["arm"] == "both" and m["packages"]["jax"]
     for k in keys:
@@ -95,6 +99,25 @@ def test_both_arms_two_iterations(both_arms_run, tiny_checkpoint):
             ev = json.load(open(os.path.join(run_dir, f"iter{k}", arm, "eval", "summary.json")))
             assert ev["models"]["student"]["ref_nll"] > 0
             assert len(_jsonl(ev["models"]["student"]["answers"])) == 3
+
+    # the teacher shift: both training sets scored on the Montessori arm's warm student
+    for k in (1, 2):
+        shift_dir = os.path.join(run_dir, f"iter{k}", "montessori", "teacher_shift")
+        shift = json.load(open(os.path.join(shift_dir, "summary.json")))
+        assert shift["rows_per_side"] == cfg.run.train_instructions
+        assert shift["initial"]["n"] == shift["optimized"]["n"] == cfg.run.train_instructions
+        assert shift["ci95"][0] <= shift["mean_difference"] <= shift["ci95"][1]
+        assert shift["warm_state"] == os.path.join(run_dir, f"iter{k}", "montessori", "warmup", "warm_state.json")
+        scores = _jsonl(os.path.join(shift_dir, "influence", "scores.jsonl"))
+        assert sorted(r["id"].split("/")[0] for r in scores) == ["initial"] * 4 + ["optimized"] * 4
+        assert os.path.exists(os.path.join(shift_dir, "teacher_shift.png"))
+        assert st[f"iter{k}/montessori/teacher_shift"]["inputs"]["initial"]["path"] == \
+            f"iter{k}/self_instruct/synthesize_train/records.jsonl"
+    assert [t["iteration"] for t in result["teacher_shift"]] == [1, 2]
+    assert "teacher shift iter1" in result["report"] and "95% CI" in result["report"]
+    assert set(result["nll_difference"]) == {1, 2}
+    saved = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert saved["teacher_shift"][0]["mean_difference"] == result["teacher_shift"][0]["mean_difference"]
 
     # the summary across arms and iterations
     rows = result["rows"]
