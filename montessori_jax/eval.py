@@ -261,16 +261,16 @@ def reference_nll(scorer, tok, pairs, *, system: str | None = None, max_len: int
     """Reference-answer NLL of the model behind ``scorer`` (a ``scoring.Scorer``) on ``pairs``.
 
     Each pair is encoded as prompt + answer under ``tok``'s chat template; the answer's tokens
-    and its end-of-turn token are scored. Returns ``ref_nll`` (token mean over all rows),
+    and its end-of-turn token are scored, and for a chat ``messages`` row every assistant turn's. Returns ``ref_nll`` (token mean over all rows),
     ``example_nll`` (mean of the rows' token means), ``ppl`` (exp of ref_nll), ``tokens``,
     ``rows``, ``truncated``, and ``per_row``: [{"id", "nll", "tokens"}] in input order.
     """
     from montessori_jax import text
+    from montessori_jax.pairs import conversation
 
     examples = []
     for p in pairs:
-        prompt = list(p.prompt) if not isinstance(p.prompt, str) else p.prompt
-        ex = text.encode_example(tok, prompt, p.response, system=system, max_len=max_len)
+        ex = text.encode_conversation(tok, conversation(p), system=system, max_len=max_len)
         if ex.loss_mask.sum() == 0:
             raise UserError(f"{p.where}: no answer tokens left to score (raise eval.max_len)")
         examples.append(ex)
