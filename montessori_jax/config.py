@@ -321,6 +321,10 @@ class EvalConfig:
     reference: str | None = None  # D_ref the eval set must not repeat; null: influence.reference or the packaged one
     seed_pool: str | None = None  # the seed pool it must not repeat; null: synthesis.seed_pool
     on_overlap: Literal["warn", "error"] = "warn"  # when it repeats an instruction of either
+    alpaca_eval: str | None = None  # AlpacaEval prompts (JSON list, JSONL, HF dataset) -> OUT/alpaca_eval/model_outputs.json
+    alpaca_eval_split: str = "eval"  # the split of an HF dataset given as alpaca_eval
+    mt_bench: str | None = None  # FastChat question.jsonl -> OUT/mt_bench/model_answer/NAME.jsonl
+    mt_bench_temperatures: dict[str, float] | None = None  # category -> temperature, over FastChat's table
 
     def __post_init__(self):
         for name in ("max_len", "batch_size", "max_new_tokens", "answer_batch_size"):

@@ -347,6 +347,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     """
     import jax
 
+    from montessori_jax import answer_formats as af
     from montessori_jax import pairs as pairs_lib
     from montessori_jax import sharding, text, weights
     from montessori_jax.sampling import SamplingParams, generate_jsonl, read_done
@@ -369,6 +370,8 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                                           for r in prompt_rows])
     others = _others(cfg, ecfg)
     overlap = check_overlap(sets, others, ecfg.on_overlap)
+    alpaca_rows = af.load_alpaca_prompts(ecfg.alpaca_eval, ecfg.alpaca_eval_split) if ecfg.alpaca_eval else None
+    mt_questions = af.load_mt_questions(ecfg.mt_bench) if ecfg.mt_bench else None
 
     os.makedirs(out_dir, exist_ok=True)
     mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -408,10 +411,17 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             answers_todo = any((json.dumps(r["id"]), 0) not in done for r in prompt_rows)
 
         seconds = {"nll": 0.0, "answers": 0.0}  # this run's; 0 when cached or already done
+        loaded: dict = {}
+
+        def get_model(path=path, loaded=loaded):
+            if "model" not in loaded:
+                with jax.set_mesh(mesh):
+                    loaded["model"] = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
+            return loaded["model"]
+
         if nll is None or answers_todo:
             tok = text.load_tokenizer(path)
-            with jax.set_mesh(mesh):
-                model = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
+            model = get_model()
             if nll is None:
                 from montessori_jax.scoring import Scorer
 
@@ -429,10 +439,29 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                                    batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
                 seconds["answers"] = round(time.perf_counter() - t_ans, 3)
             del model
+        formats = {}
+        if alpaca_rows is not None or mt_questions is not None:
+            tok = text.load_tokenizer(path)
+            pinned = {"model": fp_model, **dtypes}
+            t_fmt = time.perf_counter()
+            with jax.set_mesh(mesh):
+                if alpaca_rows is not None:
+                    alpaca_dir = os.path.join(out_dir, "alpaca_eval", *([name] if len(models) > 1 else []))
+                    formats["alpaca_eval"] = af.write_alpaca_eval(
+                        get_model, tok, alpaca_rows, alpaca_dir, name, sampling, batch_size=ecfg.answer_batch_size,
+                        system=ecfg.system, progress=progress, meta=pinned)
+                if mt_questions is not None:
+                    formats["mt_bench"] = af.write_mt_bench(
+                        get_model, tok, mt_questions, os.path.join(out_dir, "mt_bench", "model_answer", f"{name}.jsonl"),
+                        name, sampling, temperatures=ecfg.mt_bench_temperatures, batch_size=ecfg.answer_batch_size,
+                        system=ecfg.system, progress=progress, meta=pinned)
+            seconds["formats"] = round(time.perf_counter() - t_fmt, 3) if loaded else 0.0
+        loaded.clear()
         entry = {k: nll[k] for k in ("ref_nll", "example_nll", "ppl", "tokens", "rows", "truncated")}
         entry.update(path=path, nll_file=nll_path, seconds=seconds)
         if prompt_rows is not None:
             entry.update(answers=answers_path, **_answers_stats(answers_path))
+        entry.update(formats)
         results[name] = entry
 
     rows = [{"name": name, "model": r["path"], "ref_nll": r["ref_nll"], "example_nll": r["example_nll"],
