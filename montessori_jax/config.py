@@ -337,6 +337,31 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """`montessori judge` and, in `montessori run`, the pairwise MT-Bench judgment of the
+    Montessori student against the Self-Instruct student (base_url null: off)."""
+
+    base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str = "gpt-4"  # the judge model's name at that endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (unset: no key)
+    prompts: str | None = None  # a JSON/YAML file of judge prompts over the built-in ones
+    references: str | None = None  # FastChat reference answers (math, reasoning, coding)
+    concurrency: int = 4  # requests in flight
+    max_retries: int = 5  # per request, on connection errors, 429 and 5xx
+    backoff: float = 1.0  # seconds before the first retry; doubled each time
+    max_tokens: int = 1024  # of a judge's reply
+    bootstrap: int = 1000  # resamples for the win rate's 95% interval
+    seed: int = 0  # of the bootstrap
+
+    def __post_init__(self):
+        for name in ("concurrency", "bootstrap", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_retries < 0 or self.backoff < 0:
+            raise ValueError("max_retries and backoff must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """`montessori run`: which arms of the paper's comparison, how many iterations, and the
     size of the training set each student is trained on (the same for both arms)."""
@@ -375,6 +400,7 @@ class Config:
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 
