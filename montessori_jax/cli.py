@@ -466,6 +466,8 @@ def cmd_run(args) -> int:
     _compilation_cache()
     result = pipeline.run(cfg, run_dir, restart_from=args.restart_from, argv=sys.argv[1:])
     print(result["table"])
+    if result.get("judge"):
+        print(result["judge"]["table"])
     print(f"results: {run_dir} (summary.json, summary.png; `montessori status {run_dir}` lists every stage)")
     return 0
 

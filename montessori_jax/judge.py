@@ -287,9 +287,11 @@ def read_judgments(path: str) -> dict[str, dict]:
 
 
 def run_judge(cfg, mode: str, questions_path: str, answer_paths: Sequence[str], out_dir: str, *,
-              references: str | None = None, progress: bool = True, client: ChatClient | None = None) -> dict:
+              references: str | None = None, progress: bool = True, client: ChatClient | None = None,
+              names: Sequence[str] | None = None) -> dict:
     """Judge ``answer_paths`` (one for ``single``, two for ``pairwise``) on ``questions_path``
     with the endpoint of ``cfg`` (a ``JudgeConfig``), writing into ``out_dir``; resumes.
+    ``names`` labels the answer files (default: their ``model_id``, else the file name).
     Returns the summary (also ``out_dir/summary.json``)."""
     from tqdm.auto import tqdm
 
@@ -304,7 +306,7 @@ def run_judge(cfg, mode: str, questions_path: str, answer_paths: Sequence[str], 
         raise UserError("judge: no endpoint (set --base-url or judge.base_url)")
     questions = load_mt_questions(questions_path)
     answers = [{"path": p, "rows": read_mt_answers(p)} for p in answer_paths]
-    names = [next((r["model_id"] for r in a["rows"].values() if r.get("model_id")),
+    names = list(names) if names else [next((r["model_id"] for r in a["rows"].values() if r.get("model_id")),
                   os.path.splitext(os.path.basename(a["path"]))[0]) for a in answers]
     prompts = load_prompts(cfg.prompts)
     requests = build_requests(mode, questions, answers, prompts,
@@ -443,3 +445,28 @@ def plot_table(summary: dict, png_path: str) -> str | None:
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+# ---------------------------------------------------------------------------------------------
+# In `montessori run`: the Montessori student against the Self-Instruct student
+
+
+def compare_arms(cfg, run_dir: str, eval_dirs: Mapping[tuple[str, int], str], progress: bool = True) -> dict | None:
+    """Pairwise MT-Bench judgments of each iteration's Montessori student against its
+    Self-Instruct student (``eval_dirs``: (arm, iteration) -> eval folder), into
+    ``run_dir/iterK/judge``. None when ``judge.base_url`` or ``eval.mt_bench`` is unset or no
+    iteration has both arms. Returns {"rows": [...], "table": text}."""
+    if not cfg.judge.base_url or not cfg.eval.mt_bench:
+        return None
+    rows, texts = [], []
+    for (arm, it), d in sorted(eval_dirs.items()):
+        other = eval_dirs.get(("self_instruct", it))
+        if arm != "montessori" or other is None:
+            continue
+        files = [os.path.join(x, "mt_bench", "model_answer", "student.jsonl") for x in (d, other)]
+        s = run_judge(cfg.judge, "pairwise", cfg.eval.mt_bench, files, os.path.join(run_dir, f"iter{it}", "judge"),
+                      progress=progress, names=["montessori", "self_instruct"])
+        total = next(r for r in s["table"] if r["category"] == "all")
+        rows.append({"iteration": it, **total, "summary": os.path.join(run_dir, f"iter{it}", "judge", "summary.json")})
+        texts.append(f"iteration {it}, judge {cfg.judge.model}:\n{format_table(s)}")
+    return {"rows": rows, "table": "\n\n".join(texts)} if rows else None

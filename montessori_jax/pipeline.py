@@ -468,9 +468,21 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
         if summary is not None:
             rows.extend(eval_lib.summary_rows(summary, arm=s.arm, iteration=s.iteration))
     out = {"run_dir": run_dir, "rows": rows, "table": eval_lib.format_table(rows)}
+    judged = _judge_arms(cfg, run_dir, stages)
+    if judged is not None:
+        out["judge"] = judged
     write_json_atomic(os.path.join(run_dir, "summary.json"), out)
     eval_lib.plot_summary(rows, os.path.join(run_dir, "summary.png"))
     return out
+
+
+def _judge_arms(cfg: Config, run_dir: str, stages: list[Stage]) -> dict | None:
+    """With ``judge.base_url`` and ``eval.mt_bench`` set: the Montessori student against the
+    Self-Instruct student on MT-Bench, per iteration (``judge.compare_arms``)."""
+    from montessori_jax import judge
+
+    dirs = {(s.arm, s.iteration): s.dir for s in stages if s.name == "eval" and s.arm in ("montessori", "self_instruct")}
+    return judge.compare_arms(cfg, run_dir, dirs)
 
 
 # ---------------------------------------------------------------------------------------------

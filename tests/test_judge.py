@@ -163,3 +163,22 @@ def test_user_prompts_file(tmp_path):
     p.write_text("singel: x\n")
     with pytest.raises(UserError, match="unknown prompt 'singel'"):
         judge.load_prompts(str(p))
+
+
+def test_run_compares_the_two_arms(server, tmp_path):
+    from montessori_jax.config import Config, load_config
+
+    dirs = {}
+    for arm, good in (("montessori", True), ("self_instruct", False)):
+        d = tmp_path / "iter1" / arm / "eval"
+        (d / "mt_bench" / "model_answer").mkdir(parents=True)
+        turns = ["GOOD", "GOOD"] if good else ["x", "y"]
+        _answers(d / "mt_bench" / "model_answer" / "student.jsonl", "student", {q: turns for q in (9001, 9002, 9003)})
+        dirs[(arm, 1)] = str(d)
+    off = load_config(Config, None, [f"eval.mt_bench={MT}"])
+    assert judge.compare_arms(off, str(tmp_path), dirs) is None  # no endpoint: off
+    cfg = load_config(Config, None, [f"eval.mt_bench={MT}", f"judge.base_url={server}", "judge.model=fake"])
+    out = judge.compare_arms(cfg, str(tmp_path), dirs, progress=False)
+    assert out["rows"][0]["iteration"] == 1 and out["rows"][0]["win_rate"] == 1.0 and out["rows"][0]["wins"] == 6
+    assert "montessori wins" in out["table"] and "self_instruct wins" in out["table"]
+    assert os.path.exists(tmp_path / "iter1" / "judge" / "judgments.jsonl")
