@@ -25,6 +25,10 @@ whose NLL file has the same fingerprint (the model files' SHA-256, the eval rows
 is not scored again, and answers continue where they stopped without duplicates. Answers written
 under other settings are an error (use a new OUT or remove the file), as for ``montessori sft``.
 
+With ``eval.alpaca_eval`` and ``eval.mt_bench``, each model's answers in the benchmarks' own
+formats (``answer_formats``): ``alpaca_eval/model_outputs.json`` (``alpaca_eval/NAME/`` with
+several models) and ``mt_bench/model_answer/NAME.jsonl``, resumable in the same way.
+
 ``format_table`` and ``plot_summary`` take rows across arms and iterations
 (``{"arm", "iteration", "name", "model", "ref_nll", "ppl", ...}``; ``summary_rows`` makes them
 from a summary).
