@@ -33,11 +33,13 @@ def _add_score(sub) -> None:
         "score",
         help="mean token NLL of texts, or of responses given prompts",
         description="Per input row, write the mean token NLL (`nll`) and the number of scored "
-        "tokens (`tokens`): of `text` (every token after the first), or of `response` given "
-        "`prompt` under the model's chat template (response tokens only).",
+        "tokens (`tokens`): of `text` (every token after the first), of `response` given "
+        "`prompt` under the model's chat template (response tokens only), or of every assistant "
+        "turn of a chat `messages` conversation (with its end-of-turn token).",
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--input", required=True, help="JSONL rows with `text`, or `prompt` and `response`")
+    p.add_argument("--input", required=True,
+                   help="JSONL rows with `text`, `prompt` and `response`, or chat `messages`")
     p.add_argument("--out", required=True, help="output JSONL: id, nll, tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None, help="truncate rows to this many tokens")
@@ -305,6 +307,55 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def cmd_judge(args) -> int:
+    import dataclasses
+
+    from montessori_jax import judge
+    from montessori_jax.config import JudgeConfig
+
+    fields = {f.name for f in dataclasses.fields(JudgeConfig)}
+    try:
+        cfg = JudgeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    except ValueError as e:
+        raise UserError(f"judge: {e}") from None
+    s = judge.run_judge(cfg, args.mode, args.questions, args.answers, args.out, progress=True)
+    print(judge.format_table(s))
+    print(f"judge: {s['written']} judgments requested ({s['requests'] - s['written']} already there) -> {args.out}")
+    return 0
+
+
+def _add_judge(sub) -> None:
+    from montessori_jax.config import JudgeConfig
+
+    d = JudgeConfig()
+    p = sub.add_parser(
+        "judge",
+        help="MT-Bench-style judgments by an OpenAI-compatible endpoint (single grading or pairwise)",
+        description="Judge FastChat answer files (model_answer/MODEL.jsonl) on a FastChat question file. "
+        "single: a 1-10 rating of every turn's answer ([[n]] in the judge's reply; none: -1, a failure), "
+        "with the reference answer for math, reasoning and coding when one is given. pairwise: both orders "
+        "of two answer files; a win only when both orders agree, else a tie; the first file's win rate "
+        "(wins + ties/2)/n with a bootstrap 95%% interval. Writes OUT/judgments.jsonl (a rerun continues), "
+        "OUT/summary.json and OUT/summary.png, and prints the per-category table.",
+    )
+    p.add_argument("--base-url", required=True, help="the endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the judge model's name at the endpoint")
+    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    p.add_argument("--mode", choices=["single", "pairwise"], default="single")
+    p.add_argument("--questions", required=True, help="FastChat question.jsonl")
+    p.add_argument("--answers", required=True, action="append",
+                   help="a FastChat answer file (pairwise: give two; the win rate is the first's)")
+    p.add_argument("--references", default=None, help="FastChat reference answers (math, reasoning, coding)")
+    p.add_argument("--prompts", default=None, help="a JSON/YAML file of judge prompts over the built-in ones")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help="on connection errors, 429, 5xx")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="of a judge's reply")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="resamples for the win rate interval")
+    p.add_argument("--seed", type=int, default=d.seed, help="of the bootstrap")
+    p.set_defaults(func=cmd_judge)
+
+
 def _bench_sft(args):
     from montessori_jax import bench_sft
 
@@ -477,7 +528,7 @@ def _add_compare(sub) -> None:
 
 # Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_bench]
+            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_judge, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

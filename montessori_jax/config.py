@@ -321,6 +321,10 @@ class EvalConfig:
     reference: str | None = None  # D_ref the eval set must not repeat; null: influence.reference or the packaged one
     seed_pool: str | None = None  # the seed pool it must not repeat; null: synthesis.seed_pool
     on_overlap: Literal["warn", "error"] = "warn"  # when it repeats an instruction of either
+    alpaca_eval: str | None = None  # AlpacaEval prompts (JSON list, JSONL, HF dataset) -> OUT/alpaca_eval/model_outputs.json
+    alpaca_eval_split: str = "eval"  # the split of an HF dataset given as alpaca_eval
+    mt_bench: str | None = None  # FastChat question.jsonl -> OUT/mt_bench/model_answer/NAME.jsonl
+    mt_bench_temperatures: dict[str, float] | None = None  # category -> temperature, over FastChat's table
 
     def __post_init__(self):
         for name in ("max_len", "batch_size", "max_new_tokens", "answer_batch_size"):
@@ -330,6 +334,31 @@ class EvalConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """`montessori judge` and, in `montessori run`, the pairwise MT-Bench judgment of the
+    Montessori student against the Self-Instruct student (base_url null: off)."""
+
+    base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str = "gpt-4"  # the judge model's name at that endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (unset: no key)
+    prompts: str | None = None  # a JSON/YAML file of judge prompts over the built-in ones
+    references: str | None = None  # FastChat reference answers (math, reasoning, coding)
+    concurrency: int = 4  # requests in flight
+    max_retries: int = 5  # per request, on connection errors, 429 and 5xx
+    backoff: float = 1.0  # seconds before the first retry; doubled each time
+    max_tokens: int = 1024  # of a judge's reply
+    bootstrap: int = 1000  # resamples for the win rate's 95% interval
+    seed: int = 0  # of the bootstrap
+
+    def __post_init__(self):
+        for name in ("concurrency", "bootstrap", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_retries < 0 or self.backoff < 0:
+            raise ValueError("max_retries and backoff must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +407,7 @@ class Config:
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 

@@ -25,6 +25,10 @@ whose NLL file has the same fingerprint (the model files' SHA-256, the eval rows
 is not scored again, and answers continue where they stopped without duplicates. Answers written
 under other settings are an error (use a new OUT or remove the file), as for ``montessori sft``.
 
+With ``eval.alpaca_eval`` and ``eval.mt_bench``, each model's answers in the benchmarks' own
+formats (``answer_formats``): ``alpaca_eval/model_outputs.json`` (``alpaca_eval/NAME/`` with
+several models) and ``mt_bench/model_answer/NAME.jsonl``, resumable in the same way.
+
 ``format_table`` and ``plot_summary`` take rows across arms and iterations
 (``{"arm", "iteration", "name", "model", "ref_nll", "ppl", ...}``; ``summary_rows`` makes them
 from a summary).
@@ -261,16 +265,16 @@ def reference_nll(scorer, tok, pairs, *, system: str | None = None, max_len: int
     """Reference-answer NLL of the model behind ``scorer`` (a ``scoring.Scorer``) on ``pairs``.
 
     Each pair is encoded as prompt + answer under ``tok``'s chat template; the answer's tokens
-    and its end-of-turn token are scored. Returns ``ref_nll`` (token mean over all rows),
+    and its end-of-turn token are scored, and for a chat ``messages`` row every assistant turn's. Returns ``ref_nll`` (token mean over all rows),
     ``example_nll`` (mean of the rows' token means), ``ppl`` (exp of ref_nll), ``tokens``,
     ``rows``, ``truncated``, and ``per_row``: [{"id", "nll", "tokens"}] in input order.
     """
     from montessori_jax import text
+    from montessori_jax.pairs import conversation
 
     examples = []
     for p in pairs:
-        prompt = list(p.prompt) if not isinstance(p.prompt, str) else p.prompt
-        ex = text.encode_example(tok, prompt, p.response, system=system, max_len=max_len)
+        ex = text.encode_conversation(tok, conversation(p), system=system, max_len=max_len)
         if ex.loss_mask.sum() == 0:
             raise UserError(f"{p.where}: no answer tokens left to score (raise eval.max_len)")
         examples.append(ex)
@@ -347,6 +351,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     """
     import jax
 
+    from montessori_jax import answer_formats as af
     from montessori_jax import pairs as pairs_lib
     from montessori_jax import sharding, text, weights
     from montessori_jax.sampling import SamplingParams, generate_jsonl, read_done
@@ -369,6 +374,8 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                                           for r in prompt_rows])
     others = _others(cfg, ecfg)
     overlap = check_overlap(sets, others, ecfg.on_overlap)
+    alpaca_rows = af.load_alpaca_prompts(ecfg.alpaca_eval, ecfg.alpaca_eval_split) if ecfg.alpaca_eval else None
+    mt_questions = af.load_mt_questions(ecfg.mt_bench) if ecfg.mt_bench else None
 
     os.makedirs(out_dir, exist_ok=True)
     mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -408,10 +415,17 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             answers_todo = any((json.dumps(r["id"]), 0) not in done for r in prompt_rows)
 
         seconds = {"nll": 0.0, "answers": 0.0}  # this run's; 0 when cached or already done
+        loaded: dict = {}
+
+        def get_model(path=path, loaded=loaded):
+            if "model" not in loaded:
+                with jax.set_mesh(mesh):
+                    loaded["model"] = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
+            return loaded["model"]
+
         if nll is None or answers_todo:
             tok = text.load_tokenizer(path)
-            with jax.set_mesh(mesh):
-                model = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
+            model = get_model()
             if nll is None:
                 from montessori_jax.scoring import Scorer
 
@@ -429,10 +443,29 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                                    batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
                 seconds["answers"] = round(time.perf_counter() - t_ans, 3)
             del model
+        formats = {}
+        if alpaca_rows is not None or mt_questions is not None:
+            tok = text.load_tokenizer(path)
+            pinned = {"model": fp_model, **dtypes}
+            t_fmt = time.perf_counter()
+            with jax.set_mesh(mesh):
+                if alpaca_rows is not None:
+                    alpaca_dir = os.path.join(out_dir, "alpaca_eval", *([name] if len(models) > 1 else []))
+                    formats["alpaca_eval"] = af.write_alpaca_eval(
+                        get_model, tok, alpaca_rows, alpaca_dir, name, sampling, batch_size=ecfg.answer_batch_size,
+                        system=ecfg.system, progress=progress, meta=pinned)
+                if mt_questions is not None:
+                    formats["mt_bench"] = af.write_mt_bench(
+                        get_model, tok, mt_questions, os.path.join(out_dir, "mt_bench", "model_answer", f"{name}.jsonl"),
+                        name, sampling, temperatures=ecfg.mt_bench_temperatures, batch_size=ecfg.answer_batch_size,
+                        system=ecfg.system, progress=progress, meta=pinned)
+            seconds["formats"] = round(time.perf_counter() - t_fmt, 3) if loaded else 0.0
+        loaded.clear()
         entry = {k: nll[k] for k in ("ref_nll", "example_nll", "ppl", "tokens", "rows", "truncated")}
         entry.update(path=path, nll_file=nll_path, seconds=seconds)
         if prompt_rows is not None:
             entry.update(answers=answers_path, **_answers_stats(answers_path))
+        entry.update(formats)
         results[name] = entry
 
     rows = [{"name": name, "model": r["path"], "ref_nll": r["ref_nll"], "example_nll": r["example_nll"],

@@ -47,6 +47,22 @@ def _rows(path: str, split: str):
         yield f"{path}, row {i}", dict(row)
 
 
+def check_messages(messages, where: str) -> None:
+    """A conversation row: a list of {role, content} strings ending with the assistant's turn."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise UserError(f"{where}: `messages` must be a list of {{role, content}} strings")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's answer")
+
+
+def conversation(pair: Pair) -> list[dict]:
+    """A pair as chat messages: its prompt (text or messages) and its answer as the last turn."""
+    head = [{"role": "user", "content": pair.prompt}] if isinstance(pair.prompt, str) else list(pair.prompt)
+    return head + [{"role": "assistant", "content": pair.response}]
+
+
 def load_pairs(path: str, split: str = "train", prompt_field: str = "instruction",
                response_field: str = "response") -> list[Pair]:
     """Every row as a Pair; a row without a prompt or a response is an error naming it."""
@@ -56,10 +72,7 @@ def load_pairs(path: str, split: str = "train", prompt_field: str = "instruction
     for where, row in _rows(path, split):
         messages = row.get("messages")
         if isinstance(messages, list) and messages:
-            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                raise UserError(f"{where}: `messages` must be a list of {{role, content}}")
-            if messages[-1]["role"] != "assistant":
-                raise UserError(f"{where}: the last message must be the assistant's answer")
+            check_messages(messages, where)
             prompt = tuple(dict(m) for m in messages[:-1])
             response = messages[-1]["content"]
         else:

@@ -531,10 +531,23 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
         out["nll_difference"] = _arm_differences(rows)
         report.extend(f"Montessori - Self-Instruct student, iter{k}: reference-answer NLL {d:+.4f} (< 0: Montessori better)"
                       for k, d in sorted(out["nll_difference"].items()))
+    judged = _judge_arms(cfg, run_dir, stages)
+    if judged is not None:
+        out["judge"] = judged
+        report.append(judged["table"])
     out.update(teacher_shift=shifts, dpo_heldout=heldout, report="\n\n".join(report))
     write_json_atomic(os.path.join(run_dir, "summary.json"), out)
     eval_lib.plot_summary(rows, os.path.join(run_dir, "summary.png"))
     return out
+
+
+def _judge_arms(cfg: Config, run_dir: str, stages: list[Stage]) -> dict | None:
+    """With ``judge.base_url`` and ``eval.mt_bench`` set: the Montessori student against the
+    Self-Instruct student on MT-Bench, per iteration (``judge.compare_arms``)."""
+    from montessori_jax import judge
+
+    dirs = {(s.arm, s.iteration): s.dir for s in stages if s.name == "eval" and s.arm in ("montessori", "self_instruct")}
+    return judge.compare_arms(cfg, run_dir, dirs)
 
 
 # ---------------------------------------------------------------------------------------------

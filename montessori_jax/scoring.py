@@ -42,8 +42,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> text.Example:
-    """`text` (every token after the first is scored) or `prompt` + `response` under the
-    chat template (response tokens only)."""
+    """`text` (every token after the first is scored), `prompt` + `response` under the chat
+    template (response tokens only), or a `messages` conversation (every assistant turn's
+    tokens and its end-of-turn token)."""
     if isinstance(row.get("text"), str):
         ids = np.asarray(text.encode_text(tok, row["text"]), np.int32)
         truncated = max_len is not None and len(ids) > max_len
@@ -53,8 +54,13 @@ def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> 
         ex = text.Example(tokens=ids, loss_mask=mask, truncated=truncated)
     elif isinstance(row.get("prompt"), (str, list)) and isinstance(row.get("response"), str):
         ex = text.encode_example(tok, row["prompt"], row["response"], system=row.get("system"), max_len=max_len)
+    elif "messages" in row:
+        from montessori_jax.pairs import check_messages
+
+        check_messages(row["messages"], where)
+        ex = text.encode_conversation(tok, row["messages"], system=row.get("system"), max_len=max_len)
     else:
-        raise UserError(f"{where}: expected a string `text`, or `prompt` and `response`")
+        raise UserError(f"{where}: expected a string `text`, `prompt` and `response`, or chat `messages`")
     if ex.loss_mask.sum() == 0:
         raise UserError(f"{where}: nothing to score (fewer than two tokens)")
     return ex

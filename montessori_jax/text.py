@@ -186,6 +186,55 @@ def encode_prompt(tok, prompt: str | list[dict], system: str | None = None) -> l
     return _ids(tok, _render(tok, _messages(prompt, system), True))
 
 
+def encode_conversation(
+    tok,
+    messages: Sequence[dict],
+    system: str | None = None,
+    max_len: int | None = None,
+    turns: Literal["all", "last"] = "all",
+) -> Example:
+    """A chat conversation as one sequence; the targets are its assistant turns (each with its
+    end-of-turn token): every one (``turns="all"``) or only the last (``"last"``).
+
+    The conversation is rendered once; it is cut where each target turn starts (the render of
+    the messages before it with the generation prompt) and ends (the render through it), and the
+    pieces are tokenized separately, so every boundary is exact. Text the template adds after an
+    end-of-turn token (a newline) is not a target. Truncation to ``max_len`` keeps the start.
+    """
+    msgs = _messages(list(messages), system)
+    assistant = [k for k, m in enumerate(msgs) if m.get("role") == "assistant"]
+    if not assistant:
+        raise UserError("a conversation to score needs at least one assistant turn")
+    targets = assistant if turns == "all" else assistant[-1:]
+    full_text = _render(tok, msgs, False)
+    cuts = [0]
+    for k in targets:
+        start, end = _render(tok, msgs[:k], True), _render(tok, msgs[: k + 1], False)
+        if not (full_text.startswith(start) and full_text.startswith(end) and len(start) >= cuts[-1]):
+            raise UserError(
+                f"chat template of {tok.name_or_path} is not prefix-stable: the rendered "
+                "conversation does not start with the rendered prompt"
+            )
+        cuts += [len(start), len(end)]
+    cuts.append(len(full_text))
+    stops = set(stop_token_ids(tok))
+    tokens: list[int] = []
+    mask: list[bool] = []
+    for i in range(len(cuts) - 1):
+        ids = _ids(tok, full_text[cuts[i] : cuts[i + 1]])
+        piece = [False] * len(ids)
+        if i % 2 == 1:  # a target turn: its tokens through the first stop id
+            n_target = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+            piece[:n_target] = [True] * n_target
+        tokens += ids
+        mask += piece
+    tokens_arr, mask_arr = np.asarray(tokens, np.int32), np.asarray(mask, bool)
+    truncated = max_len is not None and len(tokens_arr) > max_len
+    if truncated:
+        tokens_arr, mask_arr = tokens_arr[:max_len], mask_arr[:max_len]
+    return Example(tokens=tokens_arr, loss_mask=mask_arr, truncated=truncated)
+
+
 def encode_example(
     tok,
     prompt: str | list[dict],
@@ -193,33 +242,12 @@ def encode_example(
     system: str | None = None,
     max_len: int | None = None,
 ) -> Example:
-    """Prompt + response as one sequence; only the response and its end of turn are targets.
-
-    The prompt (with generation prompt) and the completion are tokenized separately, so the
-    boundary between them is exact; text the template adds after the end-of-turn token (a
-    trailing newline) is not a target. Truncation to ``max_len`` keeps the start.
+    """Prompt + response as one sequence; only the response and its end of turn are targets
+    (``encode_conversation`` with ``turns="last"``: a prompt given as chat messages keeps
+    its earlier assistant turns as context, not targets).
     """
-    msgs = _messages(prompt, system)
-    prompt_text = _render(tok, msgs, True)
-    full_text = _render(tok, msgs + [{"role": "assistant", "content": response}], False)
-    if not full_text.startswith(prompt_text):
-        raise UserError(
-            f"chat template of {tok.name_or_path} is not prefix-stable: the rendered "
-            "conversation does not start with the rendered prompt"
-        )
-    prompt_ids = _ids(tok, prompt_text)
-    completion_ids = _ids(tok, full_text[len(prompt_text) :])
-    stops = set(stop_token_ids(tok))
-    n_target = next(
-        (i + 1 for i, t in enumerate(completion_ids) if t in stops), len(completion_ids)
-    )
-    tokens = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
-    mask = np.zeros(len(tokens), dtype=bool)
-    mask[len(prompt_ids) : len(prompt_ids) + n_target] = True
-    truncated = max_len is not None and len(tokens) > max_len
-    if truncated:
-        tokens, mask = tokens[:max_len], mask[:max_len]
-    return Example(tokens=tokens, loss_mask=mask, truncated=truncated)
+    msgs = _messages(prompt, None) + [{"role": "assistant", "content": response}]
+    return encode_conversation(tok, msgs, system=system, max_len=max_len, turns="last")
 
 
 def encode_text(tok, text: str) -> np.ndarray:
