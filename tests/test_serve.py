@@ -208,3 +208,39 @@ def test_sampler_logprobs_off_by_default(tiny_checkpoint):
     np.testing.assert_array_equal(with_lp.tokens, plain.tokens)
     assert with_lp.top_logprobs.shape == (1, plain.tokens.shape[1], 2)
     assert s.num_compiled == 4
+
+
+def test_synthesis_with_openai_backend_resumes(server, tmp_path):
+    """`generation.backend: openai` against `montessori serve`: records with the effective
+    settings; a rerun asks for nothing more; the same seed gives the same records."""
+    from montessori_jax.config import BackendConfig, Config, GenerationConfig, SynthesisConfig
+    from montessori_jax.synthesis import run_synthesize
+
+    gen = GenerationConfig(temperature=1.0, top_p=0.9, presence_penalty=0.5, max_new_tokens=6)
+    scfg = SynthesisConfig(num_instructions=None, max_prompts=2, prompts_per_round=1, samples_per_prompt=2,
+                           shots=1, generated_shots=0, preamble="Write one new task.", instruction_prefix="Task:",
+                           instruction_sampling=gen, response_sampling=gen, min_chars=1, rouge_threshold=1.0)
+    cfg = Config(synthesis=scfg, seed=5, generation=BackendConfig(
+        backend="openai", base_url=server["url"] + "/v1", api_key_env=None, max_concurrency=4))
+    out = str(tmp_path / "synth")
+    calls0 = server["engine"].calls
+    summary = run_synthesize(cfg, out, progress=False)
+    assert summary["samples"] == 4 and summary["prompts"] == 2
+    assert summary["teacher"] == f"openai:tiny@{server['url']}/v1"
+    records = [json.loads(x) for x in open(f"{out}/records.jsonl")]
+    dropped = [json.loads(x) for x in open(f"{out}/dropped.jsonl")]
+    assert len(records) + len(dropped) == 4
+    for r in records + dropped:
+        assert r["raw_output"].startswith("Task:")  # the forced prefix, continued by the server
+    for r in records:
+        s = r["instruction_sampling"]
+        assert (s["backend"], s["model"], s["n"], s["temperature"], s["top_p"], s["presence_penalty"],
+                s["max_new_tokens"]) == ("openai", "tiny", 2, 1.0, 0.9, 0.5, 6)
+    calls1 = server["engine"].calls
+    assert calls1 > calls0
+    again = run_synthesize(cfg, out, progress=False)  # resumed: finished, nothing sampled
+    assert server["engine"].calls == calls1 and again["kept"] == summary["kept"]
+    other = str(tmp_path / "synth2")
+    run_synthesize(cfg, other, progress=False)
+    assert open(f"{other}/records.jsonl").read() == open(f"{out}/records.jsonl").read()
+    assert open(f"{other}/dropped.jsonl").read() == open(f"{out}/dropped.jsonl").read()
