@@ -526,9 +526,40 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def cmd_serve(args) -> int:
+    from montessori_jax import serve
+
+    engine = serve.load_engine(args.model, name=args.served_model_name, batch_window_ms=args.batch_window_ms,
+                               max_batch=args.max_batch, param_dtype=args.dtype, dtype=args.dtype)
+    print(f"serve: {engine.name} (context {engine.context}) on http://{args.host}:{args.port}/v1 "
+          "(Ctrl-C stops after the requests in flight)", flush=True)
+    serve.make_server(engine, args.host, args.port, log_level=args.log_level).run()
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server on the sampler (/v1/chat/completions, /v1/completions)",
+        description="Serve one model over OpenAI's API: /v1/chat/completions, /v1/completions, "
+        "/v1/models. Requests arriving within --batch-window-ms are decoded in one sampler call "
+        "(up to --max-batch rows). Streaming sends the finished answer token by token.",
+    )
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch-window-ms", type=float, default=15.0,
+                   help="how long to wait for more requests after one arrives")
+    p.add_argument("--max-batch", type=int, default=64, help="rows (prompts x n) per sampler call")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the path's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="params and compute")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
 # Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_judge, _add_bench]
+            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_judge, _add_serve, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -387,6 +387,27 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """Where synthesis and eval answers are sampled: ``jax`` (the in-process sampler) or
+    ``openai`` (an OpenAI-compatible server: vLLM, SGLang or ``montessori serve``)."""
+
+    backend: Literal["jax", "openai"] = "jax"
+    base_url: str | None = None  # openai: the server's API root, e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # openai: the model id to request; None: the server's only model
+    api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the key (unset: no key)
+    max_concurrency: int = 16  # requests in flight at once
+    timeout: float = 600.0  # seconds per request
+
+    def __post_init__(self):
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency={self.max_concurrency} must be >= 1")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout} must be > 0")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url is needed with backend openai")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: the seed, both models, the mesh they are placed on, and each stage's section.
 
@@ -409,6 +430,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 # ---------------------------------------------------------------------------------------------

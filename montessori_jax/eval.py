@@ -382,6 +382,14 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     rules = sharding.merge_rules(cfg.mesh.rules)
     sampling = SamplingParams(temperature=ecfg.temperature, top_p=ecfg.top_p,
                               max_new_tokens=ecfg.max_new_tokens, n=1, seed=cfg.seed)
+    gcfg = cfg.generation
+    engine = {}  # where answers are sampled, when not here: part of the answers' settings
+    if gcfg.backend == "openai" and prompt_rows is not None:
+        if len(models) > 1:
+            raise UserError(f"generation.backend=openai answers with the server's one model; got {len(models)} "
+                            "models (evaluate one at a time, or eval.answers=false)")
+        engine = {"backend": "openai", "base_url": gcfg.base_url, "model": gcfg.model,
+                  "seed": "per prompt: request_seed(seed, row index)"}
     prompts_path = os.path.join(out_dir, "prompts.jsonl")
     if prompt_rows is not None:
 
@@ -404,8 +412,8 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
         if prompt_rows is not None:
             meta_path = os.path.join(out_dir, f"answers_{name}.meta.json")
             meta = {"fingerprint": _digest({"model": fp_model, "prompts": prompts_digest, "system": ecfg.system,
-                                            "sampling": dataclasses.asdict(sampling), **dtypes}),
-                    "model": path, "prompts": prompts_path, "sampling": dataclasses.asdict(sampling)}
+                                            "sampling": {**dataclasses.asdict(sampling), **engine}, **dtypes}),
+                    "model": path, "prompts": prompts_path, "sampling": {**dataclasses.asdict(sampling), **engine}}
             old = _read_json(meta_path)
             if os.path.exists(answers_path) and (old is None or old.get("fingerprint") != meta["fingerprint"]):
                 raise UserError(f"{answers_path}: written with another model, other prompts or other sampling "
@@ -438,9 +446,19 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                 seconds["nll"] = round(time.perf_counter() - t_nll, 3)
             if answers_todo:
                 t_ans = time.perf_counter()
-                with jax.set_mesh(mesh):
-                    generate_jsonl(model, answers_path, sampling, input_path=prompts_path, tokenizer=tok,
-                                   batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
+                if engine:
+                    from montessori_jax.config import GenerationConfig
+                    from montessori_jax.openai_backend import answer_jsonl
+                    from montessori_jax.sampling import read_prompt_rows
+
+                    params = GenerationConfig(temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=0,
+                                              presence_penalty=0.0, max_new_tokens=ecfg.max_new_tokens)
+                    answer_jsonl(gcfg, answers_path, read_prompt_rows(prompts_path), params, seed=cfg.seed,
+                                 system=ecfg.system, done=read_done(answers_path))
+                else:
+                    with jax.set_mesh(mesh):
+                        generate_jsonl(model, answers_path, sampling, input_path=prompts_path, tokenizer=tok,
+                                       batch_size=ecfg.answer_batch_size, system=ecfg.system, progress=progress)
                 seconds["answers"] = round(time.perf_counter() - t_ans, 3)
             del model
         formats = {}
@@ -475,7 +493,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
         "rows": len(pairs),
         "prompts": (ecfg.prompts or data_path) if prompt_rows is not None else None,
         "answer_prompts": len(prompt_rows) if prompt_rows is not None else 0,
-        "sampling": dataclasses.asdict(sampling) if prompt_rows is not None else None,
+        "sampling": {**dataclasses.asdict(sampling), **engine} if prompt_rows is not None else None,
         "reference": others["reference"][1],
         "seed_pool": others["seed_pool"][1],
         "overlap": overlap,

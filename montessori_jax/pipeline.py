@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
-from montessori_jax.errors import UserError
+from montessori_jax.errors import ConfigError, UserError
 from montessori_jax.files import sha256_path, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -413,6 +413,10 @@ def preflight(cfg: Config) -> None:
 def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress: bool = True,
         generator_factory=None, argv: list[str] | None = None) -> dict:
     """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns the final summary."""
+    if cfg.generation.backend != "jax":
+        # the run samples from teachers it makes (the DPO-optimized one), which no server holds
+        raise ConfigError(f"generation.backend={cfg.generation.backend}: `montessori run` samples with the jax "
+                          "backend only; use the openai backend with `montessori synthesize` and `montessori eval`")
     preflight(cfg)
     stages = plan(cfg, run_dir, progress=progress, generator_factory=generator_factory)
     path = os.path.join(run_dir, MANIFEST)

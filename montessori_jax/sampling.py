@@ -241,6 +241,15 @@ def _sample_step(logits_BV, seen_BV, keys_B, step, knobs):
     return jax.lax.cond(knobs["temperature"] == 0, greedy_tokens, draw, x)
 
 
+def _token_logprobs(logits_BV: jax.Array, tok_B: jax.Array, K: int):
+    """The drawn tokens' log-probs [B] and the K most likely tokens' log-probs and ids [B, K],
+    under log-softmax of the raw fp32 logits."""
+    lp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    lp_B = jnp.take_along_axis(lp_BV, tok_B[:, None], axis=1)[:, 0]
+    top_lp_BK, top_id_BK = jax.lax.top_k(lp_BV, K)
+    return lp_B, top_lp_BK, top_id_BK.astype(jnp.int32)
+
+
 def _logits_from_hidden(model: model_lib.Llama, h_BD: jax.Array) -> jax.Array:
     """The LM head on final hidden states, fp32 out. A tied head contracts against the
     embedding as stored ([V, D]), so XLA never materialises its transpose."""
@@ -278,6 +287,9 @@ class BatchOutput:
     num_tokens: np.ndarray
     stopped: np.ndarray
     steps: int
+    logprobs: np.ndarray | None = None  # [B, M] fp32: each drawn token's log-prob (``logprobs`` > 0)
+    top_logprobs: np.ndarray | None = None  # [B, M, K] fp32, the K most likely tokens' log-probs
+    top_ids: np.ndarray | None = None  # [B, M, K] int32, their ids
 
     def samples(self, n_prompts: int, n: int) -> list[list[Sample]]:
         out = []
@@ -320,8 +332,8 @@ class Sampler:
         self.programs: dict[tuple, Any] = {}
         self.num_traces = 0  # Python traces of either program; equals num_compiled if nothing retraces
         self.compile_seconds = 0.0
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "M"))
-        self._decode_jit = jax.jit(self._decode, static_argnames=("P",), donate_argnames=("state",))
+        self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "M", "K"))
+        self._decode_jit = jax.jit(self._decode, static_argnames=("P", "K"), donate_argnames=("state",))
 
     @property
     def num_compiled(self) -> int:
@@ -329,8 +341,12 @@ class Sampler:
 
     # -- the two programs ------------------------------------------------------------------
 
-    def _prefill(self, params, batch, knobs, *, n: int, M: int):
-        """Prompts [Bp, P] -> decode state for Bp * n rows, the first token already drawn."""
+    def _prefill(self, params, batch, knobs, *, n: int, M: int, K: int = 0):
+        """Prompts [Bp, P] -> decode state for Bp * n rows, the first token already drawn.
+
+        K > 0 also records, per drawn token, its log-prob and the K most likely tokens' (under
+        the model's own distribution: log-softmax of the raw logits, before penalty,
+        temperature and filters, as vLLM reports them); K = 0 computes none of it."""
         self.num_traces += 1
         model = model_lib.merge_params(self.graphdef, params)
         tokens_BpP = batch["tokens"]
@@ -362,7 +378,16 @@ class Sampler:
         stopped_B = live_B & jnp.isin(first_B, knobs["stop_ids"])
         seen_BV = seen_BV.at[jnp.arange(B), first_B].set(True)  # pad on dead rows: harmless
         tokens_BM = jnp.full((B, M), self.pad_id, jnp.int32).at[:, 0].set(first_B)
+        extra = {}
+        if K:
+            lp_B, top_lp_BK, top_id_BK = _token_logprobs(logits_BV, first_B, K)
+            extra = {
+                "lp": jnp.zeros((B, M), jnp.float32).at[:, 0].set(lp_B),
+                "top_lp": jnp.zeros((B, M, K), jnp.float32).at[:, 0].set(top_lp_BK),
+                "top_id": jnp.zeros((B, M, K), jnp.int32).at[:, 0].set(top_id_BK),
+            }
         return {
+            **extra,
             "cache": cache,
             "tokens": tokens_BM,
             "last": first_B,
@@ -375,7 +400,7 @@ class Sampler:
             "keys": keys_B,
         }
 
-    def _decode(self, params, state, knobs, *, P: int):
+    def _decode(self, params, state, knobs, *, P: int, K: int = 0):
         """Run the decode loop to the token limit or until every row is done."""
         self.num_traces += 1
         model = model_lib.merge_params(self.graphdef, params)
@@ -400,7 +425,16 @@ class Sampler:
             tok_B = jnp.where(live_B, tok_B, self.pad_id).astype(jnp.int32)
             hit_B = live_B & jnp.isin(tok_B, knobs["stop_ids"])
             seen_BV = s["seen"].at[jnp.arange(B), tok_B].set(True)  # pad on done rows: harmless
+            extra = {}
+            if K:
+                lp_B, top_lp_BK, top_id_BK = _token_logprobs(logits_BV, tok_B, K)
+                extra = {
+                    "lp": jax.lax.dynamic_update_slice(s["lp"], lp_B[:, None], (0, step)),
+                    "top_lp": jax.lax.dynamic_update_slice(s["top_lp"], top_lp_BK[:, None], (0, step, 0)),
+                    "top_id": jax.lax.dynamic_update_slice(s["top_id"], top_id_BK[:, None], (0, step, 0)),
+                }
             return {
+                **extra,
                 "cache": cache,
                 "tokens": jax.lax.dynamic_update_slice(s["tokens"], tok_B[:, None], (0, step)),
                 "last": tok_B,
@@ -453,7 +487,7 @@ class Sampler:
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise UserError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary")
 
-    def _dispatch(self, prompts, row_ids, params: SamplingParams, knobs, n_slots: int):
+    def _dispatch(self, prompts, row_ids, params: SamplingParams, knobs, n_slots: int, K: int = 0):
         """Pad one batch, run prefill and decode; returns the (not yet fetched) final state."""
         n = params.n
         P = _bucket(max(len(p) for p in prompts), self.prompt_buckets)
@@ -472,11 +506,14 @@ class Sampler:
             lengths[b], live[b], rows[b] = len(p), True, r
         batch = {"tokens": tokens, "segment_ids": segs, "positions": positions, "lengths": lengths,
                  "live": live, "row_ids": rows}
+        lp_key = (K,) if K else ()  # the default programs keep their keys
         prefill = self._program(
-            "prefill", (Bp, P, M, n), self._prefill_jit, self.params, batch, knobs, n=n, M=M
+            "prefill", (Bp, P, M, n) + lp_key, self._prefill_jit, self.params, batch, knobs, n=n, M=M, K=K
         )
         state = prefill(self.params, batch, knobs)
-        decode = self._program("decode", (Bp * n, P, M), self._decode_jit, self.params, state, knobs, P=P)
+        decode = self._program(
+            "decode", (Bp * n, P, M) + lp_key, self._decode_jit, self.params, state, knobs, P=P, K=K
+        )
         return decode(self.params, state, knobs)
 
     @staticmethod
@@ -484,7 +521,12 @@ class Sampler:
         tokens, num_tokens, stopped, steps = jax.device_get(
             (state["tokens"], state["num_tokens"], state["stopped"], state["step"])
         )
-        return BatchOutput(np.asarray(tokens), np.asarray(num_tokens), np.asarray(stopped), int(steps))
+        out = BatchOutput(np.asarray(tokens), np.asarray(num_tokens), np.asarray(stopped), int(steps))
+        if "lp" in state:
+            out.logprobs, out.top_logprobs, out.top_ids = (
+                np.asarray(a) for a in jax.device_get((state["lp"], state["top_lp"], state["top_id"]))
+            )
+        return out
 
     def run_batch(
         self,
@@ -492,14 +534,24 @@ class Sampler:
         params: SamplingParams,
         stop_ids: Sequence[int] = (),
         row_ids: Sequence[int] | None = None,
+        logprobs: int = 0,
     ) -> BatchOutput:
-        """Decode these prompts as one batch (prompt slots rounded up to a power of two)."""
+        """Decode these prompts as one batch (prompt slots rounded up to a power of two).
+
+        logprobs: K > 0 also returns each drawn token's log-prob and the K most likely ones
+        (one more program per bucket; K = 0, the default, computes none of it)."""
         self._check(prompts, params)
+        if int(logprobs) != logprobs or not 0 <= logprobs <= self.cfg.vocab_size:
+            raise UserError(f"logprobs={logprobs!r}: expected an integer in [0, {self.cfg.vocab_size}]")
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         knobs = self._knobs(params, stop_ids)
-        out = self._collect(self._dispatch(prompts, row_ids, params, knobs, _pow2_at_least(len(prompts))))
+        out = self._collect(
+            self._dispatch(prompts, row_ids, params, knobs, _pow2_at_least(len(prompts)), K=int(logprobs))
+        )
         B = len(prompts) * params.n
-        return BatchOutput(out.tokens[:B], out.num_tokens[:B], out.stopped[:B], out.steps)
+        cut = (lambda a: None if a is None else a[:B])
+        return BatchOutput(out.tokens[:B], out.num_tokens[:B], out.stopped[:B], out.steps,
+                           cut(out.logprobs), cut(out.top_logprobs), cut(out.top_ids))
 
     def generate_batches(
         self,

@@ -203,6 +203,7 @@ def synthesize(
     while not done():
         if generator is None:
             generator = TeacherGenerator.load(teacher, batch_size=cfg.batch_size)
+        engine = getattr(generator, "settings", None) or {}  # where a server sampled: recorded
         indices = list(range(next_prompt, min(next_prompt + cfg.prompts_per_round, budget)))
         prompts = [
             prompts_lib.build_prompt(seed_texts, kept, seed=seed, iteration=cfg.iteration, index=i,
@@ -226,8 +227,8 @@ def synthesize(
                 "instruction": inst,
                 "response": answer[0].text,
                 "teacher": teacher_id,
-                "instruction_sampling": _sampling_record(cfg.instruction_sampling, n, seeds[0]),
-                "response_sampling": _sampling_record(cfg.response_sampling, 1, seeds[1]),
+                "instruction_sampling": {**_sampling_record(cfg.instruction_sampling, n, seeds[0]), **engine},
+                "response_sampling": {**_sampling_record(cfg.response_sampling, 1, seeds[1]), **engine},
                 "finish_reason": c.finish_reason,
                 "response_finish_reason": answer[0].finish_reason,
             }
@@ -346,7 +347,15 @@ def format_summary(summary: dict) -> str:
 
 
 def run_synthesize(cfg, out_dir: str, *, progress: bool = True) -> dict:
-    """The stage from a whole ``Config``: its seed, teacher and ``synthesis`` section."""
+    """The stage from a whole ``Config``: its seed, teacher and ``synthesis`` section, sampled by
+    ``generation.backend`` (with ``openai``, the teacher is the server's model, recorded as
+    ``openai:MODEL@BASE_URL``)."""
+    if cfg.generation.backend == "openai":
+        from montessori_jax.openai_backend import OpenAIGenerator
+
+        gen = OpenAIGenerator(cfg.generation)
+        teacher = f"openai:{gen.client.model}@{cfg.generation.base_url}"
+        return synthesize(cfg.synthesis, out_dir, teacher=teacher, seed=cfg.seed, generator=gen, progress=progress)
     return synthesize(cfg.synthesis, out_dir, teacher=cfg.teacher, seed=cfg.seed, progress=progress)
 
 
