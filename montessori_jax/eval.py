@@ -336,7 +336,7 @@ def _answers_stats(path: str) -> dict:
 def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """Evaluate each model of ``models`` (name -> path; default ``{"student": cfg.student.path}``)
     with ``cfg.eval``, writing into ``out_dir``; resumes a run there. Every model is loaded with
-    ``cfg.student``'s dtypes and placed on ``cfg.mesh``. Returns the summary (also
+    ``cfg.student``'s dtypes and chat template and placed on ``cfg.mesh``. Returns the summary (also
     ``out_dir/summary.json``): ``models`` (name -> numbers and files), ``table`` (rows for
     ``format_table`` / ``summary_rows``), ``overlap``, and the inputs used.
 
@@ -357,6 +357,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     for name, path in models.items():
         _check_name(name)
         weights.resolve_path(path)
+    template = text.read_chat_template(cfg.student.chat_template, "student.chat_template")
 
     data_path = resolve_data(ecfg.data)
     pairs = pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)
@@ -386,6 +387,8 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     for name, path in models.items():
         fp_model = model_fingerprint(path)
         dtypes = {"param_dtype": cfg.student.param_dtype, "dtype": cfg.student.dtype}
+        if template is not None:  # only when set, so results cached before the key existed stay valid
+            dtypes["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
         nll_path = os.path.join(out_dir, f"nll_{name}.json")
         nll_fp = _digest({"model": fp_model, "data": _pairs_digest(pairs), "system": ecfg.system,
                           "max_len": ecfg.max_len, **dtypes})
@@ -409,7 +412,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
 
         seconds = {"nll": 0.0, "answers": 0.0}  # this run's; 0 when cached or already done
         if nll is None or answers_todo:
-            tok = text.load_tokenizer(path)
+            tok = text.load_tokenizer(path, cfg.student.chat_template, key="student.chat_template")
             with jax.set_mesh(mesh):
                 model = weights.load_model(path, cfg.student.param_dtype, cfg.student.dtype, mesh, rules)
             if nll is None:
