@@ -20,7 +20,7 @@ def cmd_score(args) -> int:
     from montessori_jax.scoring import score_file
 
     summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size,
-                         max_len=args.max_len, dtype=args.dtype)
+                         max_len=args.max_len, dtype=args.dtype, chat_template=args.chat_template)
     print(f"scored {summary['rows']} rows, {summary['tokens']} tokens: mean NLL "
           f"{summary['mean_nll']:.4f} per token -> {args.out}")
     if summary["truncated"]:
@@ -44,6 +44,8 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None, help="truncate rows to this many tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="a Jinja chat template file in place of the model's own")
     p.set_defaults(func=cmd_score)
 
 
@@ -273,7 +275,8 @@ def cmd_generate(args) -> int:
                             presence_penalty=args.presence_penalty, max_new_tokens=args.max_new_tokens,
                             n=args.n, seed=args.seed)
     s = generate_jsonl(args.model, args.out, params, prompt=args.prompt, input_path=args.input,
-                       batch_size=args.batch_size, chat_template=not args.no_chat_template)
+                       batch_size=args.batch_size, chat_template=not args.no_chat_template,
+                       template_file=args.chat_template)
     print(f"generate: {s['written']} samples written ({s['skipped']} already there), {s['tokens']} tokens "
           f"in {s['seconds']:.1f} s ({s['tokens_per_s']:.1f} tok/s), {s['compiled_programs']} compiled "
           f"programs ({s['compile_seconds']:.1f} s of the time) -> {args.out}")
@@ -303,7 +306,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (prompts x samples)")
-    p.add_argument("--no-chat-template", action="store_true", help="encode `prompt` as plain text")
+    tpl = p.add_mutually_exclusive_group()
+    tpl.add_argument("--no-chat-template", action="store_true", help="encode `prompt` as plain text")
+    tpl.add_argument("--chat-template", metavar="FILE", default=None,
+                     help="a Jinja chat template file in place of the model's own")
     p.set_defaults(func=cmd_generate)
 
 

@@ -42,6 +42,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the weights are stored in
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the matmuls
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # a Jinja chat template file (UTF-8) that replaces the tokenizer's own wherever this model's
+    # tokenizer is loaded; null: the model's own (or the Llama-3-style default when it has none)
+    chat_template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +244,8 @@ class SynthesisConfig:
     batch_size: int = 64  # sequences (prompts x samples) the sampler decodes at once
     shots: int = 8  # example instructions per prompt
     generated_shots: int = 2  # of which earlier kept instructions, once that many exist
-    preamble: str | None = None  # null: prompts.DEFAULT_PREAMBLE
+    preamble: str | None = None  # null: prompts.DEFAULT_PREAMBLE (or prompt_file)
+    prompt_file: str | None = None  # the preamble read from this UTF-8 file; not with `preamble`
     # text the teacher's answer is made to start with (e.g. "<instruction>", which helps small
     # teachers keep the format); part of raw_output. "": none, as in the original method
     instruction_prefix: str = ""
@@ -255,6 +259,13 @@ class SynthesisConfig:
     max_chars: int = 400
     blacklist: tuple[str, ...] = INSTRUCTION_BLACKLIST  # whole words/phrases, any case
     rouge_threshold: float = 0.7  # drop when ROUGE-L F1 > this against a seed or a kept instruction
+    # what an instruction's ROUGE-L is compared against, besides the instructions kept so far:
+    # pool: every seed of the pool; shown: only the examples shown in the prompts of the same
+    # round (the original's batch of prompts; set prompts_per_round to its batch size)
+    rouge_against: Literal["pool", "shown"] = "pool"
+    # true: as the original, the first character upper-cased and the rest lower-cased
+    # (str.capitalize) before the filters and in the records
+    lowercase_instructions: bool = False
     splits: dict[str, int | float] | None = None  # e.g. {warmup: 100, probe: 400}, or fractions
     # a seed prompt's records go to the `probe` split first when it has at least this many
     # (DPO pairs probes within a prompt, so a lone probe can never be paired); 1: plain order
@@ -277,6 +288,8 @@ class SynthesisConfig:
             raise ValueError(f"need 0 <= min_chars ({self.min_chars}) <= max_chars ({self.max_chars})")
         if self.probe_min_samples < 1:
             raise ValueError(f"probe_min_samples={self.probe_min_samples} must be >= 1")
+        if self.preamble is not None and self.prompt_file is not None:
+            raise ValueError("preamble and prompt_file are both set; give one (the text, or a file holding it)")
         if not 0 < self.rouge_threshold <= 1:
             raise ValueError(f"rouge_threshold={self.rouge_threshold} must be in (0, 1]")
         for key in self.seed_fields or {}:

@@ -369,7 +369,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     pairs_path, rows = read_pairs(dcfg.pairs)
     weights.resolve_path(teacher.path)
     os.makedirs(out_dir, exist_ok=True)
-    tok = text.load_tokenizer(teacher.path)
+    tok = text.load_tokenizer(teacher.path, teacher.chat_template, key="teacher.chat_template")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     encoded = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], dcfg.system, dcfg.max_prompt_len,
                            dcfg.max_len) for r in rows]

@@ -340,7 +340,7 @@ def _answers_stats(path: str) -> dict:
 def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """Evaluate each model of ``models`` (name -> path; default ``{"student": cfg.student.path}``)
     with ``cfg.eval``, writing into ``out_dir``; resumes a run there. Every model is loaded with
-    ``cfg.student``'s dtypes and placed on ``cfg.mesh``. Returns the summary (also
+    ``cfg.student``'s dtypes and chat template and placed on ``cfg.mesh``. Returns the summary (also
     ``out_dir/summary.json``): ``models`` (name -> numbers and files), ``table`` (rows for
     ``format_table`` / ``summary_rows``), ``overlap``, and the inputs used.
 
@@ -362,6 +362,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     for name, path in models.items():
         _check_name(name)
         weights.resolve_path(path)
+    template = text.read_chat_template(cfg.student.chat_template, "student.chat_template")
 
     data_path = resolve_data(ecfg.data)
     pairs = pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)
@@ -401,6 +402,8 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     for name, path in models.items():
         fp_model = model_fingerprint(path)
         dtypes = {"param_dtype": cfg.student.param_dtype, "dtype": cfg.student.dtype}
+        if template is not None:  # only when set, so results cached before the key existed stay valid
+            dtypes["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
         nll_path = os.path.join(out_dir, f"nll_{name}.json")
         nll_fp = _digest({"model": fp_model, "data": _pairs_digest(pairs), "system": ecfg.system,
                           "max_len": ecfg.max_len, **dtypes})
@@ -432,7 +435,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             return loaded["model"]
 
         if nll is None or answers_todo:
-            tok = text.load_tokenizer(path)
+            tok = text.load_tokenizer(path, cfg.student.chat_template, key="student.chat_template")
             model = get_model()
             if nll is None:
                 from montessori_jax.scoring import Scorer
@@ -463,7 +466,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             del model
         formats = {}
         if alpaca_rows is not None or mt_questions is not None:
-            tok = text.load_tokenizer(path)
+            tok = text.load_tokenizer(path, cfg.student.chat_template, key="student.chat_template")
             pinned = {"model": fp_model, **dtypes}
             t_fmt = time.perf_counter()
             with jax.set_mesh(mesh):

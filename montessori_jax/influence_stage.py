@@ -82,7 +82,9 @@ def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
     finally:
         ckpts.close()
     mu, nu, count = optim.adam_moments(state["opt_state"])
-    return WarmStudent(graphdef, state["params"], mu, nu, count, cfg, text.load_tokenizer(warm["model"]), warm)
+    # the template the warm-up encoded with (warm states written before the key existed: none)
+    tok = text.load_tokenizer(warm["model"], warm.get("chat_template"), key="student.chat_template")
+    return WarmStudent(graphdef, state["params"], mu, nu, count, cfg, tok, warm)
 
 
 def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Example]:

@@ -703,6 +703,7 @@ def generate_jsonl(
     tokenizer=None,
     batch_size: int = 16,
     chat_template: bool = True,
+    template_file: str | None = None,
     system: str | None = None,
     progress: bool = True,
     sampler: Sampler | None = None,
@@ -713,7 +714,9 @@ def generate_jsonl(
     ``tokenizer``). Exactly one of ``prompt`` / ``input_path``. Output rows: ``id``,
     ``sample``, ``text``, ``num_tokens``, ``finish_reason`` (``stop`` or ``length``), written
     per batch (longest prompts first) and flushed. Pairs (id, sample) already in the file are
-    skipped, so a rerun after a kill continues without duplicates. Returns a summary dict.
+    skipped, so a rerun after a kill continues without duplicates. ``template_file``: a Jinja
+    chat template file in place of the model's own (when ``model`` is a path). Returns a
+    summary dict.
     """
     from tqdm import tqdm
 
@@ -724,7 +727,7 @@ def generate_jsonl(
     if isinstance(model, str):
         from montessori_jax import weights
 
-        tokenizer = tokenizer or text.load_tokenizer(model)
+        tokenizer = tokenizer or text.load_tokenizer(model, template_file, key="--chat-template")
         model = weights.load_model(model)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer")

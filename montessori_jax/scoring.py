@@ -99,7 +99,7 @@ class Scorer:
 
 
 def score_file(model_path: str, input_path: str, out_path: str, batch_size: int = 8,
-               max_len: int | None = None, dtype: str = "float32") -> dict:
+               max_len: int | None = None, dtype: str = "float32", chat_template: str | None = None) -> dict:
     """``montessori score``: per input row, `nll` (mean over its scored tokens) and `tokens`."""
     from montessori_jax import weights
 
@@ -107,7 +107,7 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
     if not rows:
         raise UserError(f"{input_path}: no rows")
     weights.resolve_path(model_path)
-    tok = text.load_tokenizer(model_path)
+    tok = text.load_tokenizer(model_path, chat_template, key="--chat-template")
     examples = [encode_score_row(tok, r, f"{input_path}, line {r['_line']}", max_len) for r in rows]
     model = weights.load_model(model_path, dtype=dtype)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

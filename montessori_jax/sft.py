@@ -196,7 +196,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     scfg: SFTConfig = getattr(cfg, section)
     model_cfg = cfg.student
     os.makedirs(out_dir, exist_ok=True)
-    tok = text.load_tokenizer(model_cfg.path)
+    tok = text.load_tokenizer(model_cfg.path, model_cfg.chat_template, key="student.chat_template")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     examples = encode_pairs(tok, pairs_lib.load_pairs(scfg.data, scfg.split, scfg.prompt_field, scfg.response_field), scfg)
@@ -285,7 +285,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
             "total_steps": total, "lr": last_lr, "peak_lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
             "weight_decay": o.weight_decay, "decay_norms": o.decay_norms, "grad_clip": o.grad_clip,
             "model": model_cfg.path, "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
-            "schedule": dataclasses.asdict(o)}
+            "chat_template": model_cfg.chat_template, "schedule": dataclasses.asdict(o)}
     write_json_atomic(os.path.join(out_dir, "warm_state.json"), warm)
 
     export_dir = None

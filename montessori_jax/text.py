@@ -8,6 +8,7 @@ predicting token ``i`` from tokens ``< i`` counts. Position 0 is therefore never
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -78,12 +79,39 @@ def embedded_smollm2_path() -> str:
     )
 
 
-def load_tokenizer(path: str):
+def read_chat_template(path: str | None, key: str = "chat_template") -> str | None:
+    """The text of a Jinja chat template file (UTF-8), or None for ``path=None``.
+
+    Raises:
+      UserError: the file is missing, unreadable or not UTF-8, naming ``key`` and the path.
+    """
+    if path is None:
+        return None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            template = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{key}: {path}: no such template file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{key}: {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{key}: {path}: cannot read ({e.strerror})") from None
+    if not template.strip():
+        raise UserError(f"{key}: {path}: the template file is empty")
+    return template
+
+
+def load_tokenizer(path: str, chat_template: str | None = None, *, key: str = "chat_template"):
     """A transformers tokenizer from an HF folder, a ``.gguf`` file, or ``"smollm2"``.
 
-    The result always has ``chat_template`` set (its own, or ``LLAMA3_DEFAULT_TEMPLATE``) and
-    a pad token (eos when it had none). It is cached per path and shared: do not mutate it.
+    ``chat_template``: a Jinja template file (a model config's ``chat_template``, named ``key``
+    in errors) that replaces the tokenizer's own; None keeps the tokenizer's own.
+
+    The result always has ``chat_template`` set (the file's, its own, or
+    ``LLAMA3_DEFAULT_TEMPLATE``) and a pad token (eos when it had none). It is cached per path
+    and template and shared: do not mutate it.
     """
+    template = read_chat_template(chat_template, key)
     if path == "smollm2":
         path = embedded_smollm2_path()
     path = os.path.abspath(os.path.expanduser(path))
@@ -97,7 +125,17 @@ def load_tokenizer(path: str):
             )
     elif not path.endswith(".gguf"):
         raise UserError(f"{path}: expected a tokenizer folder or a .gguf file")
-    return _load_tokenizer_cached(path)
+    if template is None:
+        return _load_tokenizer_cached(path)
+    return _with_template(path, template)
+
+
+@functools.lru_cache(maxsize=8)
+def _with_template(path: str, template: str):
+    """A copy of the cached tokenizer of ``path`` with ``template`` as its chat template."""
+    tok = copy.deepcopy(_load_tokenizer_cached(path))
+    tok.chat_template = template
+    return tok
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,7 +163,8 @@ def _load_tokenizer_cached(path: str):
 
 
 def has_own_template(tok) -> bool:
-    """False when ``load_tokenizer`` had to fall back to ``LLAMA3_DEFAULT_TEMPLATE``."""
+    """False when ``load_tokenizer`` had to fall back to ``LLAMA3_DEFAULT_TEMPLATE`` (a
+    template given as a file counts as the tokenizer's own)."""
     return tok.chat_template != LLAMA3_DEFAULT_TEMPLATE
 
 

@@ -75,6 +75,29 @@ def test_score_tiny_checkpoint_batch_independent(tiny_checkpoint, tmp_path):
     np.testing.assert_allclose([r["nll"] for r in outs[0]], [r["nll"] for r in outs[1]], atol=1e-5)
 
 
+def test_score_chat_template_file(tiny_checkpoint, tmp_path, capsys):
+    """--chat-template replaces the model's template: the response tokens are the same, the
+    context they are scored in is not; a missing file is a one-line error naming the flag."""
+    folder, _ = tiny_checkpoint
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "the dog sat", "response": "the cat ran in the park"}])
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                   "{% if add_generation_prompt %}assistant: {% endif %}")
+    rows = []
+    for extra in ([], ["--chat-template", str(tpl)]):
+        out = tmp_path / f"o{len(extra)}.jsonl"
+        assert main(["score", "--model", folder, "--input", inp, "--out", str(out), *extra]) == 0
+        rows.append(json.loads(out.read_text()))
+    assert rows[0]["tokens"] == rows[1]["tokens"] and rows[0]["nll"] != rows[1]["nll"]
+    capsys.readouterr()
+    missing = tmp_path / "nope.jinja"
+    assert main(["score", "--model", folder, "--input", inp, "--out", str(tmp_path / "x.jsonl"),
+                 "--chat-template", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--chat-template: {missing}: no such template file") and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

@@ -770,3 +770,155 @@ def test_cli_bench_dedup(tmp_path, capsys):
     n_seeds = result["settings"]["seed_pool"]
     assert n_seeds * 150 < result["pairs"] < (n_seeds + 150) * 150  # every candidate met the growing pool
     assert result["ours_s"] > 0 and result["rouge_score_s"] > 0 and "cpu_count" in result["machine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# switches that reproduce the original method (docs/fidelity.md)
+
+
+def test_rouge_against_shown_compares_with_the_rounds_examples_only():
+    seeds = ["Write a short poem about the sea.", "List three primary colors."]
+    pool = InstructionFilter(seeds)
+    shown = InstructionFilter(seeds, rouge_against="shown")
+    near = _tag("Write a short poem about the sea and the sky.")
+    assert pool.check(near).reason == "too_similar"
+    with pytest.raises(RuntimeError, match="set_shown"):
+        shown.check(near)
+    shown.set_shown(["List three primary colors."])  # the poem seed is in the pool, not in the round
+    assert shown.check(near).kept
+    shown.set_shown(["List three primary colors.", "Write a short poem about the sea."])
+    v = shown.check(near)
+    assert v.reason == "too_similar" and v.similar_to == "Write a short poem about the sea."
+    # instructions kept earlier in the run count in both modes, whatever the round shows
+    shown.set_shown([])
+    assert shown(_tag("Name five famous bridges in Europe and their lengths.")).kept
+    v = shown.check(_tag("Name five famous bridges in Asia and their lengths."))
+    assert v.reason == "too_similar" and v.similar_to == "Name five famous bridges in Europe and their lengths."
+    with pytest.raises(ValueError, match="rouge_against"):
+        InstructionFilter(seeds, rouge_against="prompt")
+
+
+class EchoTeacher:
+    """For each round: sample 0 of each prompt is a seed that no prompt of the round shows (and
+    was not written before), sample 1 is the first example its own prompt shows; prompt 3
+    repeats the instruction written for prompt 0."""
+
+    def __init__(self, seeds):
+        self.seeds, self.used, self.first = list(seeds), set(), None
+
+    def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
+        if n == 1:
+            return [[Completion(f"Answer to: {p}", "stop", 3)] for p in prompts]
+        round_shots = {s for p in prompts for s in shots_of(p)}
+        out = []
+        for prompt, row in zip(prompts, row_ids):
+            unseen = next(s for s in self.seeds if s not in round_shots and s not in self.used)
+            self.used.add(unseen)
+            self.first = self.first or unseen
+            sample0 = self.first if row == 3 else unseen
+            out.append([Completion(f"<instruction>{sample0}</instruction>"),
+                        Completion(f"<instruction>{shots_of(prompt)[0]}</instruction>")])
+        return out
+
+
+def test_stage_rouge_against_shown_reproduces_the_originals_comparison_set(tmp_path):
+    # seeds with no token in common, so only an exact repeat is similar
+    seeds = [f"alpha{i} beta{i} gamma{i} delta{i}" for i in range(40)]
+    pool = write_jsonl(tmp_path / "seeds.jsonl", [{"instruction": s} for s in seeds])
+    runs = {}
+    for against in ("pool", "shown"):
+        cfg = _cfg(seed_pool=pool, num_instructions=None, max_prompts=4, prompts_per_round=2, samples_per_prompt=2,
+                   shots=3, generated_shots=0, rouge_against=against)
+        out = str(tmp_path / against)
+        summary = synthesize(cfg, out, generator=EchoTeacher(seeds), progress=False)
+        records = [json.loads(line) for line in open(os.path.join(out, "records.jsonl"))]
+        dropped = [json.loads(line) for line in open(os.path.join(out, "dropped.jsonl"))]
+        runs[against] = summary, records, dropped
+    summary, records, dropped = runs["pool"]  # every seed is in the comparison set: nothing new
+    assert summary["kept"] == 0 and summary["drops"]["too_similar"] == 8
+    summary, records, dropped = runs["shown"]
+    # unshown seeds are kept, the prompt's own example and the repeat of a kept one are not
+    assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(0, 0), (1, 0), (2, 0)]
+    assert [(d["prompt_index"], d["sample_index"], d["reason"]) for d in dropped] == [
+        (0, 1, "too_similar"), (1, 1, "too_similar"), (2, 1, "too_similar"), (3, 0, "too_similar"),
+        (3, 1, "too_similar")]
+    assert dropped[3]["similar_to"] == records[0]["instruction"] and dropped[3]["score"] == 1.0
+    for d in dropped:
+        if d["sample_index"] == 1:
+            prompt = build_prompt([t for t in seeds], [], seed=0, iteration=0, index=d["prompt_index"], shots=3,
+                                  generated_shots=0)
+            assert d["similar_to"] == shots_of(prompt)[0]
+    # a folder written with one comparison set does not resume with the other
+    with pytest.raises(UserError, match=r"other settings \(rouge_against\)"):
+        synthesize(_cfg(seed_pool=pool, num_instructions=None, max_prompts=4, prompts_per_round=2,
+                        samples_per_prompt=2, shots=3, generated_shots=0), str(tmp_path / "shown"),
+                   generator=EchoTeacher(seeds), progress=False)
+
+
+def test_lowercase_instructions_as_the_original():
+    raw = _tag("  Summarize   the REPORT on NASA's budget.  ")
+    assert InstructionFilter([]).check(raw).instruction == "Summarize the REPORT on NASA's budget."
+    lower = InstructionFilter([], lowercase=True)
+    assert lower.check(raw).instruction == "Summarize the report on nasa's budget."
+    assert lower.check(_tag("write a haiku about Paris")).instruction == "Write a haiku about paris"
+
+
+def test_stage_lowercase_instructions(tmp_path):
+    def teacher(prompts, params, *, n, seed, row_ids, prefix=""):
+        return [[Completion("<instruction>Name the CAPITAL of France</instruction>")] * n for _ in prompts]
+
+    assert not SynthesisConfig().lowercase_instructions
+    cfg = SynthesisConfig(num_instructions=1, prompts_per_round=1, samples_per_prompt=1, lowercase_instructions=True)
+    summary = synthesize(cfg, str(tmp_path / "o"), generator=teacher, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "records.jsonl")]
+    assert summary["kept"] == 1 and rows[0]["instruction"] == "Name the capital of france"
+    assert rows[0]["raw_output"] == "<instruction>Name the CAPITAL of France</instruction>"
+    # the switch is part of the folder's settings
+    with pytest.raises(UserError, match=r"other settings \(lowercase_instructions\)"):
+        synthesize(SynthesisConfig(num_instructions=1, prompts_per_round=1, samples_per_prompt=1),
+                   str(tmp_path / "o"), generator=teacher, progress=False)
+
+
+def test_prompt_file_gives_the_preamble(tmp_path):
+    from montessori_jax.config import Config, ConfigError, load_config
+
+    text_ = "Write one new task for an assistant, in <instruction> tags. \u00c9xamples:\n"
+    path = tmp_path / "preamble.txt"
+    path.write_text(text_, encoding="utf-8")
+    cfg = _cfg(num_instructions=4, prompt_file=str(path))
+    out = str(tmp_path / "o")
+    synthesize(cfg, out, generator=FakeTeacher(), progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(out, "records.jsonl"))]
+    assert rows and all(r["seed_prompt"].startswith(text_ + "<instruction>") for r in rows)
+    assert len(shots_of(rows[0]["seed_prompt"], text_)) == 8
+    # other wording in the file: the folder does not resume
+    path.write_text("Another preamble.\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"other settings \(preamble_sha256\)"):
+        synthesize(cfg, out, generator=FakeTeacher(), progress=False)
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(UserError, match=rf"^synthesis\.prompt_file: {missing}: no such file$"):
+        synthesize(_cfg(prompt_file=str(missing)), str(tmp_path / "m"), generator=FakeTeacher(), progress=False)
+    assert not os.path.exists(tmp_path / "m")
+    path.write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match=r"synthesis\.prompt_file: .*preamble\.txt: not UTF-8"):
+        synthesize(cfg, str(tmp_path / "u"), generator=FakeTeacher(), progress=False)
+    with pytest.raises(ConfigError, match=r"^override '.*': synthesis: preamble and prompt_file are both set"):
+        load_config(Config, None, [f"synthesis.prompt_file={path}", "synthesis.preamble=Hi"])
+    for bad in ("synthesis.rouge_against=prompt", "synthesis.lowercase_instructions=yes"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(Config, None, [bad])
+
+
+def test_teacher_generator_loads_the_teachers_chat_template(tmp_path, tiny_teacher):
+    from montessori_jax import text
+    from montessori_jax.config import ModelConfig
+    from montessori_jax.synthesis import TeacherGenerator
+
+    folder, _ = tiny_teacher
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                    "{% if add_generation_prompt %}<bot>{% endif %}", encoding="utf-8")
+    gen = TeacherGenerator.load(ModelConfig(path=folder, chat_template=str(path)), batch_size=2)
+    assert gen.tokenizer.decode(text.encode_prompt(gen.tokenizer, "the dog sat")) == "<user>the dog sat<bot>"
+    with pytest.raises(UserError, match=r"^teacher\.chat_template: .*nope\.jinja: no such template file$"):
+        TeacherGenerator.load(ModelConfig(path=folder, chat_template=str(tmp_path / "nope.jinja")))

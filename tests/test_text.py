@@ -196,3 +196,54 @@ def test_no_torch_needed_for_the_embedded_model(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"tokens": ' in (tmp_path / "o.jsonl").read_text()
+
+
+# --------------------------------------------------------------------------- chat template files
+
+BRACKET_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}\n"
+)
+
+
+def test_chat_template_file_replaces_the_tokenizers_own(tmp_path):
+    folder = tmp_path / "tok"
+    make_tiny_tokenizer(folder)
+    path = tmp_path / "bracket.jinja"
+    path.write_text(BRACKET_TEMPLATE, encoding="utf-8")
+    own = text.load_tokenizer(str(folder))
+    tok = text.load_tokenizer(str(folder), str(path))
+    assert tok.chat_template == BRACKET_TEMPLATE and text.has_own_template(tok)
+    # encoded prompts and examples use the file's template (a file's one trailing newline is dropped)
+    assert tok.decode(text.encode_prompt(tok, "  the dog sat ")) == "[user]the dog sat</s>[assistant]"
+    ex = text.encode_example(tok, "the dog sat", "the cat ran")
+    assert tok.decode(ex.tokens) == "[user]the dog sat</s>[assistant]the cat ran</s>"
+    assert tok.decode(ex.tokens[ex.loss_mask]) == "the cat ran</s>"
+    # the shared tokenizer of the folder keeps its own template; the same file gives the same object
+    assert own.chat_template == text.LLAMA3_DEFAULT_TEMPLATE
+    assert text.load_tokenizer(str(folder)) is own
+    assert text.load_tokenizer(str(folder), str(path)) is tok
+    assert tok.decode(text.encode_prompt(own, "the dog sat")).startswith("<s><|start_header_id|>user")
+
+
+def test_chat_template_file_errors_name_the_key_and_path(tmp_path):
+    folder = tmp_path / "tok"
+    make_tiny_tokenizer(folder)
+    missing = tmp_path / "nope.jinja"
+    with pytest.raises(UserError, match=rf"^student\.chat_template: {missing}: no such template file$"):
+        text.load_tokenizer(str(folder), str(missing), key="student.chat_template")
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match=r"teacher\.chat_template: .*empty\.jinja: the template file is empty"):
+        text.load_tokenizer(str(folder), str(empty), key="teacher.chat_template")
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    with pytest.raises(UserError, match=r"chat_template: .*latin\.jinja: not UTF-8"):
+        text.load_tokenizer(str(folder), str(latin))
+
+
+def test_model_config_chat_template_key():
+    from montessori_jax.config import Config, load_config
+
+    cfg = load_config(Config, None, ["student.chat_template=/t/llama3.jinja"])
+    assert cfg.student.chat_template == "/t/llama3.jinja" and cfg.teacher.chat_template is None

@@ -6,13 +6,17 @@ The steps, in order (each drop is counted under its reason):
    pair; none: drop. An unclosed trailing tag does not count, so an output cut off at the
    token limit falls back to an earlier complete pair, if any.
 2. normalise: ``<input>``/``</input>`` markers are removed (some teachers wrap the input in
-   them) and every run of whitespace becomes one space.
+   them) and every run of whitespace becomes one space; with ``lowercase=True`` the first
+   character is then upper-cased and the rest lower-cased (``str.capitalize``), as the
+   original method does.
 3. ``too_short`` / ``too_long``: fewer than ``min_chars`` or more than ``max_chars`` characters.
 4. ``blacklisted_word``: a whole word or phrase a text model cannot act on (image, graph,
    picture, file, map, draw, plot, go to, and their plurals), any case.
 5. ``starts_with_punctuation`` / ``starts_with_non_ascii``.
-6. ``too_similar``: ROUGE-L F1 above ``rouge_threshold`` against any seed or any instruction
-   kept before it in the run.
+6. ``too_similar``: ROUGE-L F1 above ``rouge_threshold`` against any instruction kept before
+   it in the run, and against every seed (``rouge_against="pool"``) or only the examples shown
+   in the prompts of the current round (``"shown"``, the original method's set: its batch of
+   prompts is our round; ``set_shown`` gives them).
 """
 
 from __future__ import annotations
@@ -83,10 +87,12 @@ class Verdict:
 
 
 class InstructionFilter:
-    """The filters of one run; the ROUGE-L pool holds the seeds and every instruction kept.
+    """The filters of one run; the ROUGE-L pool holds every instruction kept, and the seeds
+    (``rouge_against="pool"``) or the examples of the current round's prompts (``"shown"``).
 
     ``check(raw)`` judges an output without changing anything; ``keep(instruction)`` adds a
-    kept instruction to the pool; ``__call__(raw)`` does both.
+    kept instruction to the pool; ``__call__(raw)`` does both. With ``"shown"``, call
+    ``set_shown(examples)`` at the start of each round.
     """
 
     def __init__(
@@ -97,17 +103,34 @@ class InstructionFilter:
         max_chars: int = 400,
         blacklist: Sequence[str] = BLACKLIST,
         rouge_threshold: float = 0.7,
+        rouge_against: str = "pool",
+        lowercase: bool = False,
     ):
+        if rouge_against not in ("pool", "shown"):
+            raise ValueError(f"rouge_against={rouge_against!r} must be 'pool' or 'shown'")
         self.min_chars, self.max_chars = min_chars, max_chars
+        self.lowercase = lowercase
+        self.rouge_against = rouge_against
         self._blacklist = blacklist_regex(blacklist)
-        self._texts = list(seeds)
+        self._texts = list(seeds) if rouge_against == "pool" else []
         self.index = RougeLIndex(rouge_threshold, self._texts)
+        self._shown: list[str] = []
+        self._shown_index: RougeLIndex | None = None
+
+    def set_shown(self, examples: Sequence[str]) -> None:
+        """The examples the current round's prompts show (``rouge_against="shown"`` only)."""
+        if self.rouge_against != "shown":
+            raise ValueError("set_shown is for rouge_against='shown'")
+        self._shown = list(dict.fromkeys(examples))
+        self._shown_index = RougeLIndex(self.index.threshold, self._shown)
 
     def check(self, raw: str) -> Verdict:
         found = extract_instruction(raw)
         if found is None:
             return Verdict(None, "no_instruction_tag")
         inst = normalize(found)
+        if self.lowercase:
+            inst = inst.capitalize()
         if len(inst) < self.min_chars:
             return Verdict(inst, "too_short")
         if len(inst) > self.max_chars:
@@ -121,6 +144,12 @@ class InstructionFilter:
         score, entry = self.index.best_match(inst)
         if entry >= 0:
             return Verdict(inst, "too_similar", self._texts[entry], score)
+        if self.rouge_against == "shown":
+            if self._shown_index is None:
+                raise RuntimeError("rouge_against='shown' needs set_shown() before the round's checks")
+            score, entry = self._shown_index.best_match(inst)
+            if entry >= 0:
+                return Verdict(inst, "too_similar", self._shown[entry], score)
         return Verdict(inst, None)
 
     def keep(self, instruction: str) -> None:

@@ -10,6 +10,10 @@ user message under its chat template; the exact prompt text is kept with every s
 Prompt ``i`` of iteration ``it`` draws from ``numpy.random.default_rng([seed, it, i])``, so the
 same seed, prompt index and pool of earlier instructions always give the same prompt,
 whatever ran before (a resumed run rebuilds exactly the prompts an uninterrupted one built).
+
+The preamble is ours (``DEFAULT_PREAMBLE``), or text of the user's: ``synthesis.preamble``, or
+a UTF-8 file named by ``synthesis.prompt_file`` (``read_preamble``), for example a copy of the
+original method's wording.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from montessori_jax.errors import UserError
 
 DEFAULT_PREAMBLE = (
     "Your task is to write one new instruction that a person could give to an AI assistant. "
@@ -30,6 +36,27 @@ DEFAULT_PREAMBLE = (
     "<instruction>the instruction, followed by its input if it needs one</instruction>\n"
     "Here are some example instructions. Do not copy them; write a different one.\n"
 )
+
+
+def read_preamble(preamble: str | None = None, prompt_file: str | None = None) -> str:
+    """The preamble: ``preamble``, else the text of ``prompt_file``, else ``DEFAULT_PREAMBLE``.
+
+    Raises:
+      UserError: ``prompt_file`` is missing, unreadable or not UTF-8 (naming the key and path).
+    """
+    if preamble is not None:
+        return preamble
+    if prompt_file is None:
+        return DEFAULT_PREAMBLE
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"synthesis.prompt_file: {prompt_file}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"synthesis.prompt_file: {prompt_file}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"synthesis.prompt_file: {prompt_file}: cannot read ({e.strerror})") from None
 
 
 def prompt_rng(seed: int, iteration: int, index: int) -> np.random.Generator:
@@ -67,6 +94,20 @@ def format_prompt(examples: Sequence[str], preamble: str = DEFAULT_PREAMBLE) -> 
     return preamble + "".join(f"<instruction>{e}</instruction>\n" for e in examples)
 
 
+def prompt_examples(
+    seeds: Sequence[str],
+    generated: Sequence[str],
+    *,
+    seed: int,
+    iteration: int,
+    index: int,
+    shots: int = 8,
+    generated_shots: int = 2,
+) -> list[str]:
+    """The examples prompt ``index`` of an iteration shows, in display order."""
+    return choose_shots(seeds, generated, prompt_rng(seed, iteration, index), shots, generated_shots)
+
+
 def build_prompt(
     seeds: Sequence[str],
     generated: Sequence[str],
@@ -79,6 +120,6 @@ def build_prompt(
     preamble: str | None = None,
 ) -> str:
     """Prompt ``index`` of an iteration, given the seed texts and the instructions kept so far."""
-    rng = prompt_rng(seed, iteration, index)
-    examples = choose_shots(seeds, generated, rng, shots, generated_shots)
+    examples = prompt_examples(seeds, generated, seed=seed, iteration=iteration, index=index, shots=shots,
+                               generated_shots=generated_shots)
     return format_prompt(examples, DEFAULT_PREAMBLE if preamble is None else preamble)

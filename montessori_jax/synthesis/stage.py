@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax import faults
+from montessori_jax import faults, text
 from montessori_jax.config import ModelConfig
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic, write_jsonl_atomic
@@ -96,7 +96,7 @@ class TeacherGenerator:
         from montessori_jax import text, weights
 
         cfg = ModelConfig(path=teacher) if isinstance(teacher, str) else teacher
-        tokenizer = text.load_tokenizer(cfg.path)
+        tokenizer = text.load_tokenizer(cfg.path, cfg.chat_template, key="teacher.chat_template")
         model = weights.load_model(cfg.path, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
         return cls(model, tokenizer, batch_size=batch_size)
 
@@ -136,13 +136,13 @@ def _pool_fingerprint(texts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-def _header(cfg: SynthesisConfig, teacher_id: str, seed: int, seed_texts: Sequence[str]) -> dict:
+def _header(cfg: SynthesisConfig, teacher_id: str, seed: int, seed_texts: Sequence[str], preamble: str,
+            chat_template: str | None = None) -> dict:
     """The settings a round's output depends on; a resume must match them."""
     keep = ("samples_per_prompt", "prompts_per_round", "shots", "generated_shots", "instruction_prefix",
             "instruction_sampling",
             "response_sampling", "min_chars", "max_chars", "blacklist", "rouge_threshold", "iteration")
-    preamble = prompts_lib.DEFAULT_PREAMBLE if cfg.preamble is None else cfg.preamble
-    return {
+    header = {
         "seed": seed,
         "teacher": teacher_id,
         "seed_pool": cfg.seed_pool,
@@ -151,6 +151,15 @@ def _header(cfg: SynthesisConfig, teacher_id: str, seed: int, seed_texts: Sequen
         **{k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
            for k, v in ((k, getattr(cfg, k)) for k in keep)},
     }
+    # settings added later enter the header only when they differ from their defaults, so a
+    # folder written before they existed still resumes
+    if cfg.rouge_against != "pool":
+        header["rouge_against"] = cfg.rouge_against
+    if cfg.lowercase_instructions:
+        header["lowercase_instructions"] = True
+    if chat_template is not None:
+        header["chat_template_sha256"] = _pool_fingerprint([chat_template])
+    return header
 
 
 def synthesize(
@@ -183,10 +192,14 @@ def synthesize(
     if len(seed_texts) < cfg.shots:
         raise UserError(f"{cfg.seed_pool}: the seed pool has {len(seed_texts)} tasks; prompts need shots={cfg.shots}")
     teacher_id = teacher if isinstance(teacher, str) else teacher.path
-    journal = records_lib.RunJournal(out_dir, _header(cfg, teacher_id, seed, seed_texts))
+    preamble = prompts_lib.read_preamble(cfg.preamble, cfg.prompt_file)
+    template = None if isinstance(teacher, str) else text.read_chat_template(teacher.chat_template,
+                                                                             "teacher.chat_template")
+    journal = records_lib.RunJournal(out_dir, _header(cfg, teacher_id, seed, seed_texts, preamble, template))
 
     filt = InstructionFilter(seed_texts, min_chars=cfg.min_chars, max_chars=cfg.max_chars,
-                             blacklist=cfg.blacklist, rouge_threshold=cfg.rouge_threshold)
+                             blacklist=cfg.blacklist, rouge_threshold=cfg.rouge_threshold,
+                             rouge_against=cfg.rouge_against, lowercase=cfg.lowercase_instructions)
     kept = [r["instruction"] for r in journal.records]
     for inst in kept:
         filt.keep(inst)
@@ -205,11 +218,12 @@ def synthesize(
             generator = TeacherGenerator.load(teacher, batch_size=cfg.batch_size)
         engine = getattr(generator, "settings", None) or {}  # where a server sampled: recorded
         indices = list(range(next_prompt, min(next_prompt + cfg.prompts_per_round, budget)))
-        prompts = [
-            prompts_lib.build_prompt(seed_texts, kept, seed=seed, iteration=cfg.iteration, index=i,
-                                     shots=cfg.shots, generated_shots=cfg.generated_shots, preamble=cfg.preamble)
-            for i in indices
-        ]
+        shown = [prompts_lib.prompt_examples(seed_texts, kept, seed=seed, iteration=cfg.iteration, index=i,
+                                             shots=cfg.shots, generated_shots=cfg.generated_shots)
+                 for i in indices]
+        prompts = [prompts_lib.format_prompt(examples, preamble) for examples in shown]
+        if cfg.rouge_against == "shown":
+            filt.set_shown([e for examples in shown for e in examples])
         outputs = generator(prompts, cfg.instruction_sampling, n=n, seed=seeds[0], row_ids=indices,
                             prefix=cfg.instruction_prefix)
 
