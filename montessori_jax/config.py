@@ -134,7 +134,10 @@ class InfluenceConfig:
     estimator: Literal["exact", "first_order", "both"] = "exact"
     batch_size: int | None = None  # probing examples per vmapped program; null: from a memory estimate
     ref_batch_size: int = 4  # D_ref rows per streamed chunk
-    lr: float | None = None  # null: the warm-up's last lr
+    lr: float | None = None  # null: the lr the warm-up continues at (warm_state.json's lr)
+    # clip z's gradient norm before its one step; null: no clipping, as the original's one
+    # step (its warm-up clips: that is warmup.optim.grad_clip, a separate key)
+    grad_clip: float | None = None
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: the precision probe
     max_len: int = 1024  # probing examples are truncated to this
     ref_max_len: int = 1024  # reference rows are truncated to this
