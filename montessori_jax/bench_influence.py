@@ -80,8 +80,9 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     ref_ex = [text.encode_example(tok, p, r, max_len=ORIGINAL_LEN) for p, r in _ref_pairs(ref_path, n_ref)]
     ref = inf.make_ref_set(ref_ex, ref_rows_per_chunk, pad)
 
-    # the warm state: one warm-up step at the influence lr, saved to disk for (a)
-    ocfg = OptimConfig(lr=lr, warmup_ratio=1.0, stable_ratio=0.0, decay_ratio=0.0)
+    # the warm state: one warm-up step at the influence lr, saved to disk for (a); no gradient
+    # clipping, as the original's one step (influence.grad_clip's default)
+    ocfg = OptimConfig(lr=lr, warmup_ratio=1.0, stable_ratio=0.0, decay_ratio=0.0, grad_clip=None)
     tx = optim.adamw(ocfg, 1, learning_rate=lr)
     step_fn = sft.make_train_step(graphdef, tx)
     rows = sft.rows_from_examples(warm_ex)

@@ -71,7 +71,19 @@ class OptimConfig:
     stable_ratio: float = 0.5
     decay_ratio: float = 0.4
     min_lr_ratio: float = 0.0  # the lr decays to lr * min_lr_ratio
-    decay_shape: Literal["linear", "cosine"] = "linear"
+    decay_shape: Literal["linear", "cosine"] = "linear"  # cosine: half a cosine, transformers' default
+    # how the ratios become lrs per optimizer step i (0-based) of T steps:
+    #   montessori: W = round(warmup_ratio*T), D = round(decay_ratio*T); warmup lr*(i+1)/W, so the
+    #     first step learns and the last warmup step is at the peak (an all-warmup warm-up ends
+    #     there, and the influence step continues at that lr); the decay reaches
+    #     lr*min_lr_ratio at the last step
+    #   transformers: exactly transformers' get_wsd_schedule as the original code's Trainer runs
+    #     it (version 4.44.2, which it pins): W, S, D = int(ratio*T) each; step i gets
+    #     lambda(i): warmup lr*i/W (0 at the first step), decay from the peak towards
+    #     lr*min_lr_ratio over D steps, lr*min_lr_ratio after W+S+D. The influence step
+    #     continues at lambda(T), the lr the original's optimizer holds after the last step.
+    #     (Later transformers start the warmup at lr*min_lr_ratio; the same when it is 0.)
+    schedule: Literal["montessori", "transformers"] = "montessori"
     grad_clip: float | None = 1.0  # clip the global gradient norm; null: no clipping
 
     def __post_init__(self):
@@ -125,7 +137,10 @@ class InfluenceConfig:
     estimator: Literal["exact", "first_order", "both"] = "exact"
     batch_size: int | None = None  # probing examples per vmapped program; null: from a memory estimate
     ref_batch_size: int = 4  # D_ref rows per streamed chunk
-    lr: float | None = None  # null: the warm-up's last lr
+    lr: float | None = None  # null: the lr the warm-up continues at (warm_state.json's lr)
+    # clip z's gradient norm before its one step; null: no clipping, as the original's one
+    # step (its warm-up clips: that is warmup.optim.grad_clip, a separate key)
+    grad_clip: float | None = None
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: the precision probe
     max_len: int = 1024  # probing examples are truncated to this
     ref_max_len: int = 1024  # reference rows are truncated to this

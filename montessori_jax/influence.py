@@ -38,7 +38,8 @@ from montessori_jax.losses import mean_token_nll, token_nll_per_position
 
 @dataclasses.dataclass(frozen=True)
 class AdamHP:
-    """The warm-up optimizer's hyperparameters, and the lr of the influence step."""
+    """The warm-up optimizer's AdamW hyperparameters, and the lr and gradient clipping of the
+    influence step (its own: the original clips in the warm-up, not in the one step)."""
 
     lr: float
     b1: float = 0.9
@@ -46,13 +47,13 @@ class AdamHP:
     eps: float = 1e-8
     weight_decay: float = 0.0
     decay_norms: bool = False
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = None
 
     @classmethod
-    def from_warm_state(cls, warm: dict, lr: float | None = None) -> "AdamHP":
+    def from_warm_state(cls, warm: dict, lr: float | None = None, grad_clip: float | None = None) -> "AdamHP":
+        """``lr``: null takes warm_state.json's lr; ``grad_clip``: influence.grad_clip (null: none)."""
         return cls(lr=warm["lr"] if lr is None else lr, b1=warm["b1"], b2=warm["b2"], eps=warm["eps"],
-                   weight_decay=warm["weight_decay"], decay_norms=warm["decay_norms"],
-                   grad_clip=warm["grad_clip"])
+                   weight_decay=warm["weight_decay"], decay_norms=warm["decay_norms"], grad_clip=grad_clip)
 
 
 def adamw_update(params: dict, grads: dict, mu: dict, nu: dict, count, hp: AdamHP, lr=None) -> dict:

@@ -1,7 +1,9 @@
 """``montessori influence``: the warm state in, a scores JSONL + summary + histogram out.
 
 Resumable by chunk: each chunk's rows are appended (and flushed) as soon as they are computed;
-a rerun skips the ids already scored and repairs a line cut by a kill.
+a rerun skips the ids already scored and repairs a line cut by a kill. ``settings.json`` holds
+everything a score depends on (``score_settings``); a rerun into a folder that holds scores
+made with other settings is an error naming the changed keys, never a mix of old and new rows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from montessori_jax import model as model_lib
 from montessori_jax import faults, optim, text
 from montessori_jax.config import Config, InfluenceConfig, OptimConfig
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_lines_atomic
+from montessori_jax.files import sha256_file, sha256_path, write_json_atomic, write_lines_atomic
 
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference.jsonl")
 # the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
@@ -35,9 +37,13 @@ def _stamp(path: str) -> tuple[str, int]:
     return os.path.abspath(path), os.stat(path).st_mtime_ns
 
 
+def warm_state_file(path: str) -> str:
+    """influence.warm_state: the warm_state.json itself, or the folder of `montessori sft` holding it."""
+    return os.path.join(path, "warm_state.json") if os.path.isdir(path) else path
+
+
 def read_warm_state(path: str) -> dict:
-    if os.path.isdir(path):
-        path = os.path.join(path, "warm_state.json")
+    path = warm_state_file(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no warm state (run `montessori sft` first; it writes warm_state.json)")
     try:
@@ -112,6 +118,45 @@ def _done_ids(path: str) -> set:
     return done
 
 
+def score_settings(icfg: InfluenceConfig, warm: dict, hp: inf.AdamHP, ref_path: str) -> dict:
+    """What every score depends on: the estimator, the one step (lr, clipping), the dtype the
+    params are held in, the lengths and fields the texts are encoded with, the warm state
+    (warm_state.json's bytes and the step it points to), the probing and reference sets' bytes
+    and the model files'. Batch sizes and memory settings are left out: they do not change
+    the scores (beyond fp32 summation order, ~1e-8)."""
+    from montessori_jax.eval import model_fingerprint
+
+    def data(path):  # a file or saved dataset folder by content; a hub id by name
+        return sha256_path(path) or f"name:{path}"
+
+    return {"estimator": icfg.estimator, "lr": hp.lr, "grad_clip": hp.grad_clip, "param_dtype": icfg.param_dtype,
+            "max_len": icfg.max_len, "ref_max_len": icfg.ref_max_len, "system": icfg.system,
+            "prompt_field": icfg.prompt_field, "response_field": icfg.response_field,
+            "warm_state": sha256_file(warm_state_file(icfg.warm_state)), "warm_step": warm["step"],
+            "probe": data(icfg.probe), "reference": data(ref_path), "model": model_fingerprint(warm["model"])}
+
+
+def check_settings(out_dir: str, settings: dict, n_done: int) -> None:
+    """Scores in ``out_dir`` must come from these settings (else a one-line error naming the
+    changed keys); then ``settings.json`` records them, before any new row is written."""
+    path = os.path.join(out_dir, "settings.json")
+    if n_done:
+        if not os.path.exists(path):
+            raise UserError(f"{out_dir}: holds {n_done} influence scores but no settings.json (an older "
+                            "version wrote them), so they cannot be checked against these settings; use a new "
+                            "--out or remove the folder")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg}); use a new --out or remove the folder") from None
+        changed = [k for k in settings if old.get(k) != settings[k]] + [k for k in old if k not in settings]
+        if changed:
+            raise UserError(f"{out_dir}: holds {n_done} influence scores computed with other settings (changed: "
+                            f"{', '.join(changed)}); use a new --out, or remove the folder to score again")
+    write_json_atomic(path, settings)
+
+
 def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
     from montessori_jax import pairs as pairs_lib
     from montessori_jax import sharding
@@ -128,9 +173,15 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
 
     mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = sharding.merge_rules(cfg.mesh.rules)
+    hp = inf.AdamHP.from_warm_state(warm, icfg.lr, icfg.grad_clip)
+    if not hp.lr > 0:
+        raise UserError(f"{icfg.warm_state}: the warm-up leaves the lr at {hp.lr:g} (its schedule decayed to "
+                        "min_lr_ratio), so one step on any example changes nothing; set influence.lr, or "
+                        "warm up with a schedule that ends above zero (e.g. warmup.optim.min_lr_ratio=0.1)")
     os.makedirs(out_dir, exist_ok=True)
     scores_path = os.path.join(out_dir, "scores.jsonl")
     done = _done_ids(scores_path)
+    check_settings(out_dir, score_settings(icfg, warm, hp, ref_path), len(done))
 
     with jax.set_mesh(mesh):
         student = load_warm_student(warm, mesh, rules)
@@ -142,11 +193,6 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
-        hp = inf.AdamHP.from_warm_state(warm, icfg.lr)
-        if not hp.lr > 0:
-            raise UserError(f"{icfg.warm_state}: the warm-up ended at lr {hp.lr:g} (its schedule decayed to "
-                            "min_lr_ratio), so one step on any example changes nothing; set influence.lr, or "
-                            "warm up with a schedule that ends above zero (e.g. warmup.optim.min_lr_ratio=0.1)")
         p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
         ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
         probe_len = text.bucket_length(max(len(e) for e in probe))
@@ -233,8 +279,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         elapsed = time.perf_counter() - t_start
 
     summary = summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_done)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     plot_histogram(scores_path, os.path.join(out_dir, "influence_hist.png"))
     return summary
 
@@ -249,6 +294,7 @@ def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> 
         "baseline_ref_loss": baseline,
         "reference": {"rows": ref.n_rows, "tokens": ref.n_tokens},
         "lr": hp.lr,
+        "grad_clip": hp.grad_clip,
         "warm_step": warm["step"],
         "positive": int((infl > 0).sum()),
         "negative": int((infl < 0).sum()),

@@ -11,37 +11,66 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from montessori_jax.config import OptimConfig
 
 
-def wsd_schedule(cfg: OptimConfig, total_steps: int):
-    """lr(step) for step = 0 .. total_steps-1.
+def wsd_factors(cfg: OptimConfig, total_steps: int) -> np.ndarray:
+    """lr / peak for optimizer steps 0 .. total_steps, in float64; the last entry is for one
+    step past the run. ``cfg.schedule`` says how (see ``OptimConfig``):
 
-    Warmup: lr * (step + 1) / W, so the first step already learns and step W-1 reaches the peak
-    (a run that is all warmup, as the original warm-up stage, ends at the peak). Stable: lr.
-    Decay over D steps down to lr * min_lr_ratio at the last step.
+    montessori: warmup (step + 1) / W, so the first step already learns and step W-1 reaches
+    the peak (a run that is all warmup, as the original warm-up stage, ends at the peak).
+    Stable: 1. Decay over D steps down to min_lr_ratio at the last step.
+
+    transformers: lambda(step) of transformers' ``get_wsd_schedule`` (4.44.2, the original's):
+    W, S, D = int(ratio * T); warmup step / W from 0; stable 1; decay over D steps starting at
+    1; min_lr_ratio from step W + S + D on.
     """
-    total_steps = max(int(total_steps), 1)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    decay = int(round(cfg.decay_ratio * total_steps))
-    decay = min(decay, total_steps - warmup)
-    stable_end = total_steps - decay
+    T = max(int(total_steps), 1)
+    i = np.arange(T + 1, dtype=np.float64)
+    if cfg.schedule == "transformers":
+        warmup, stable, decay = (int(r * T) for r in (cfg.warmup_ratio, cfg.stable_ratio, cfg.decay_ratio))
+        warm = i / max(warmup, 1)
+        stable_end, decay_end = warmup + stable, warmup + stable + decay
+        progress = (i - stable_end) / max(decay, 1)
+    else:
+        warmup = int(round(cfg.warmup_ratio * T))
+        decay = min(int(round(cfg.decay_ratio * T)), T - warmup)
+        warm = (i + 1) / max(warmup, 1)
+        stable_end, decay_end = T - decay, T + 1
+        progress = np.clip((i - stable_end + 1) / max(decay, 1), 0.0, 1.0)
+    if cfg.decay_shape == "cosine":
+        down = 0.5 * (1 + np.cos(math.pi * progress))
+    else:
+        down = 1 - progress
+    m = cfg.min_lr_ratio
+    down = m + (1 - m) * down
+    return np.where(i < warmup, warm, np.where(i < stable_end, 1.0, np.where(i < decay_end, down, m)))
+
+
+def wsd_schedule(cfg: OptimConfig, total_steps: int):
+    """lr(step) for step = 0 .. total_steps-1 (and past the end: the last entry of
+    ``wsd_factors``): a float32 table computed in float64, so each lr is within one fp32
+    rounding of the exact value."""
+    table = np.asarray(cfg.lr * wsd_factors(cfg, total_steps), np.float32)
 
     def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = (step + 1) / max(warmup, 1)
-        progress = jnp.clip((step - stable_end + 1) / max(decay, 1), 0.0, 1.0)
-        if cfg.decay_shape == "cosine":
-            down = 0.5 * (1 + jnp.cos(math.pi * progress))
-        else:
-            down = 1 - progress
-        down = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * down
-        factor = jnp.where(step < warmup, warm, jnp.where(step < stable_end, 1.0, down))
-        return cfg.lr * factor
+        return jnp.asarray(table)[jnp.clip(jnp.asarray(step), 0, len(table) - 1)]
 
     return schedule
+
+
+def continue_lr(cfg: OptimConfig, total_steps: int, step: int) -> float:
+    """The lr one more step continues at after ``step`` steps of the schedule (the influence
+    step's default, recorded in warm_state.json). montessori: the lr of the last step taken
+    (an all-warmup warm-up ends at the peak); transformers: the schedule's lr for the next
+    step, which is what torch's LambdaLR leaves in the optimizer after the last step (and what
+    the original's influence step, which loads that optimizer, uses)."""
+    at = step if cfg.schedule == "transformers" else max(step - 1, 0)
+    return float(wsd_schedule(cfg, total_steps)(at))
 
 
 def _decay_mask(params: dict) -> dict:

@@ -4,7 +4,8 @@ batch with exact gradient accumulation, AdamW with warmup-stable-decay, one jitt
 donates the train state, orbax checkpoints with resume, HF export at the end.
 
 The final train state (params + AdamW state + step) is what the influence stage continues
-from; ``warm_state.json`` beside it records the hyperparameters and the last lr.
+from; ``warm_state.json`` beside it records the hyperparameters, the last lr and the lr one
+more step continues at (``optim.continue_lr``).
 """
 
 from __future__ import annotations
@@ -281,8 +282,10 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     final_eval = eval_loss(step) if scorer else None
     last_lr = float(optim.current_lr(state["opt_state"])) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
     o = scfg.optim
+    # lr: what one more step (the influence step) continues at; see optim.continue_lr
     warm = {"checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")), "step": step,
-            "total_steps": total, "lr": last_lr, "peak_lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
+            "total_steps": total, "lr": optim.continue_lr(o, total, step), "last_lr": last_lr,
+            "peak_lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
             "weight_decay": o.weight_decay, "decay_norms": o.decay_norms, "grad_clip": o.grad_clip,
             "model": model_cfg.path, "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
             "chat_template": model_cfg.chat_template, "schedule": dataclasses.asdict(o)}

@@ -1,6 +1,8 @@
 """Influence: vmap equals a loop, equals PyTorch, first-order against exact, independence of
 B and chunk sizes, resume, and sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,14 @@ def warm_tiny(tmp_path_factory):
                 ref_grad=inf.make_ref_grad(graphdef))
 
 
+@pytest.fixture(scope="module")
+def warm_unclipped(warm_tiny):
+    """The same warm state, with an influence step that does not clip (influence.grad_clip: null,
+    the original's one step)."""
+    hp = dataclasses.replace(warm_tiny["hp"], grad_clip=None)
+    return dict(warm_tiny, hp=hp, exact=inf.make_exact(warm_tiny["graphdef"], hp))
+
+
 def _probe_batch(examples, B):
     out = list(text.batches(examples, B, pad_id=0))
     return out
@@ -113,11 +123,14 @@ def _to_torch(cfg, tree):
     return out
 
 
-def test_exact_equals_independent_pytorch(warm_tiny, tmp_path):
-    """transformers' Llama + torch.optim.AdamW with its state set from our warm state."""
+@pytest.mark.parametrize("clip", [1.0, None], ids=["clip1", "noclip"])
+def test_exact_equals_independent_pytorch(warm_tiny, warm_unclipped, clip, tmp_path):
+    """transformers' Llama + torch.optim.AdamW with its state set from our warm state; the
+    step clips z's gradient at influence.grad_clip, or not at all (null, as the original)."""
     from transformers import LlamaForCausalLM
 
-    w = warm_tiny
+    w = warm_tiny if clip is not None else warm_unclipped
+    assert w["hp"].grad_clip == clip
     cfg = M.merge_params(w["graphdef"], w["state"]["params"]).cfg
     lr = 1e-4
     hp = w["hp"]
@@ -159,12 +172,28 @@ def test_exact_equals_independent_pytorch(warm_tiny, tmp_path):
         ids = torch.tensor(ex.tokens[None]).long()
         labels = torch.where(torch.tensor(ex.loss_mask[None]), ids, -100)
         tm(ids, labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_(tm.parameters(), hp.grad_clip)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in tm.parameters()])
+        assert norm > 1.0  # every probe's gradient is longer than the clip: the two settings differ
+        if hp.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), hp.grad_clip)
         opt.step()
         theirs.append(before - ref_loss(tm))
     theirs = np.array(theirs)
     assert np.abs(ours - theirs).max() <= 1e-6, np.abs(ours - theirs).max()
     assert np.abs(theirs).min() > 1e-5
+
+
+def test_influence_step_clips_only_when_asked(warm_tiny, warm_unclipped):
+    """influence.grad_clip, not the warm-up's, decides: the clipped and unclipped steps give
+    other scores, and AdamHP takes the clip from the influence section, not warm_state.json."""
+    clipped = _exact_scores(warm_tiny, 1e-4, B=3)
+    plain = _exact_scores(warm_unclipped, 1e-4, B=3)
+    assert np.abs(clipped - plain).min() > 4 * NOISE_FLOOR  # every probe: more than the floor
+    assert np.any(np.sign(clipped) != np.sign(plain))  # here clipping even flips a sign
+    warm = {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "decay_norms": False,
+            "grad_clip": 1.0}
+    assert inf.AdamHP.from_warm_state(warm).grad_clip is None
+    assert inf.AdamHP.from_warm_state(warm, grad_clip=0.5).grad_clip == 0.5
 
 
 def test_noise_floor_of_the_exact_estimator(warm_tiny):

@@ -117,3 +117,42 @@ def test_missing_warm_state_is_named(tmp_path):
 
     with pytest.raises(UserError, match="warm_state.json: no warm state"):
         run_influence(cfg, str(tmp_path / "out"))
+
+
+def test_rerun_with_other_settings_names_the_changed_keys(warm, capsys):
+    """A folder's scores come from one set of settings: a rerun with another lr, estimator or
+    clipping is a one-line error naming them, and nothing is written; batch sizes may change."""
+    d, warm_dir, probe, ref = warm
+    out = d / "fingerprinted"
+    assert main(["influence", "--out", str(out), *_args(warm_dir, probe, ref)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["lr"] == pytest.approx(1e-3) and settings["grad_clip"] is None
+    assert settings["estimator"] == "exact" and len(settings["warm_state"]) == 64
+    before = (out / "scores.jsonl").read_text()
+    capsys.readouterr()
+
+    def error(*argv):
+        assert main(["influence", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err  # one line
+        return err
+
+    assert "other settings (changed: lr); use a new --out" in error(*_args(warm_dir, probe, ref, "influence.lr=5e-4"))
+    assert "(changed: estimator)" in error("--estimator", "both", *_args(warm_dir, probe, ref))
+    assert "(changed: grad_clip, reference)" in error(*_args(warm_dir, probe, probe, "influence.grad_clip=1.0"))
+    assert (out / "scores.jsonl").read_text() == before
+    assert json.loads((out / "settings.json").read_text()) == settings
+    # batch sizes and memory settings do not change scores: the rerun resumes (nothing left to do)
+    assert main(["influence", "--out", str(out), *_args(warm_dir, probe, ref, "influence.batch_size=4",
+                                                         "influence.ref_batch_size=3")]) == 0
+    assert (out / "scores.jsonl").read_text() == before
+
+
+def test_scores_without_settings_are_not_resumed(warm, tmp_path):
+    from montessori_jax.influence_stage import run_influence
+
+    d, warm_dir, probe, ref = warm
+    (tmp_path / "scores.jsonl").write_text('{"id": "p1-0", "influence": 0.1}\n')
+    cfg = load_config(Config, None, _args(warm_dir, probe, ref))
+    with pytest.raises(UserError, match="holds 1 influence scores but no settings.json"):
+        run_influence(cfg, str(tmp_path), progress=False)
