@@ -776,3 +776,8 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
             for changed in _diff(a.get(key, _ABSENT), b.get(key, _ABSENT), _join(path, str(key)))
         ]
     return [] if a == b else [path]
+
+
+def diff_dicts(a: Mapping, b: Mapping) -> list[str]:
+    """The dotted keys whose values differ between two plain nested dicts (``to_dict``'s kind)."""
+    return _diff(to_dict(a), to_dict(b), "")
