@@ -179,12 +179,20 @@ def cmd_dpo(args) -> int:
     cfg = load_config(Config, args.config, args.overrides)
     s = run_dpo(cfg, args.out)
     r = s["reference"]
-    print(f"dpo: {s['steps']} steps on {s['pairs']} pairs ({s['truncated']} truncated); reference log-probs "
-          f"{r['status']} ({r['cache']})")
+    held = s["heldout"]
+    print(f"dpo: {s['steps']} steps on {s['train_pairs']} pairs" + (f" ({held['pairs']} held out)" if held else "")
+          + f"; reference log-probs {r['status']} ({r['cache']})")
+    print(f"truncated: {s['prompts_truncated']} of {s['pairs']} pairs lost the start of their prompt "
+          f"(dpo.max_prompt_len), {s['answers_truncated']} the end of an answer (dpo.max_len)")
     if s["last"]:
         last = s["last"]
         print(f"last step: loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracy']:.2f}, "
               f"margin {last['rewards/margin']:.4f}")
+    if held:
+        for when in ("before", "after"):
+            h = held[when]
+            print(f"held out, {when} training: loss {h['loss']:.4f}, reward accuracy {h['reward_accuracy']:.2f}, "
+                  f"margin {h['margin']:.4f}")
     print(f"metrics.jsonl and dpo.png in {args.out}" + (f"; HF model: {s['model']}" if s["model"] else ""))
     return 0
 
@@ -195,10 +203,12 @@ def _add_dpo(sub) -> None:
         help="DPO on the teacher from preference pairs, with cached reference log-probs",
         description="Direct preference optimization of `teacher` on dpo.pairs: the seed prompt "
         "under the teacher's chat template, the chosen and rejected raw outputs as answers "
-        "(prompt truncated to its last dpo.max_prompt_len tokens, rows to dpo.max_len), sigmoid "
-        "loss with dpo.beta. The reference log-probs are computed once and cached beside the "
-        "pairs under a fingerprint. Orbax checkpoints (rerun to resume), metrics.jsonl + dpo.png, "
-        "and the teacher as an HF checkpoint in OUT/model.",
+        "(as TRL's keep_end: only when prompt + the longer answer exceed dpo.max_len, the prompt "
+        "keeps its last dpo.max_prompt_len tokens, then the answers their first dpo.max_len - "
+        "dpo.max_prompt_len), sigmoid loss with dpo.beta. dpo.eval_fraction holds out pairs, "
+        "measured before and after training. The reference log-probs are computed once and "
+        "cached beside the pairs under a fingerprint. Orbax checkpoints (rerun to resume), "
+        "metrics.jsonl + dpo.png, summary.json, and the teacher as an HF checkpoint in OUT/model.",
     )
     _stage_args(p)
     p.set_defaults(func=cmd_dpo)

@@ -186,13 +186,16 @@ class DPOConfig:
     system: str | None = None  # the system prompt the teacher had while synthesizing (null: none)
     loss: Literal["sigmoid"] = "sigmoid"
     beta: float = 0.1
-    max_prompt_len: int = 128  # a longer prompt keeps its last tokens (TRL's keep_end)
-    max_len: int = 1024  # prompt + answer; a longer answer loses its end
+    # TRL's keep_end: only when prompt + the longer answer exceed max_len does the prompt keep
+    # its last max_prompt_len tokens; if still too long, the answers keep max_len - max_prompt_len
+    max_prompt_len: int = 128
+    max_len: int = 1024
     batch_size: int = 2  # pairs per optimizer step
     micro_batch_size: int | None = None  # pairs per accumulation step; null: batch_size
     ref_batch_size: int = 8  # pairs per forward of the reference pass
     epochs: int = 1
     max_steps: int | None = None
+    eval_fraction: float = 0.0  # pairs held out of training (by seed), measured before and after
     optim: DPOOptimConfig = dataclasses.field(default_factory=DPOOptimConfig)
     ref_cache: str | None = None  # folder of the reference log-prob cache; null: beside the pairs
     log_every: int = 1  # steps between metrics brought to the host
@@ -210,6 +213,8 @@ class DPOConfig:
             raise ValueError(f"need 0 < max_prompt_len ({self.max_prompt_len}) < max_len ({self.max_len})")
         if self.ref_batch_size < 1:
             raise ValueError(f"ref_batch_size={self.ref_batch_size} must be >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
 
 
 # Schema defaults the synthesis stage shares (its filters and seed loader import them).
@@ -863,3 +868,8 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
             for changed in _diff(a.get(key, _ABSENT), b.get(key, _ABSENT), _join(path, str(key)))
         ]
     return [] if a == b else [path]
+
+
+def diff_dicts(a: Mapping, b: Mapping) -> list[str]:
+    """The dotted keys whose values differ between two plain nested dicts (``to_dict``'s kind)."""
+    return _diff(to_dict(a), to_dict(b), "")

@@ -5,10 +5,16 @@ raw outputs for it. The prompt is rendered under the teacher's chat template wit
 generation prompt, exactly as the teacher saw it while synthesizing; each answer follows it as
 the assistant turn, and only the answer's tokens (through the end-of-turn token) are scored.
 
-Truncation, as TRL's DPO trainer that the original used: a prompt longer than
-``max_prompt_len`` keeps its last tokens (``keep_end``: the end of the 8-shot prompt and the
-assistant header stay); then prompt + answer is cut to ``max_len`` by dropping the end of the
-answer. Truncated pairs are counted.
+Truncation, as TRL's DPO trainer (0.10.1, ``truncation_mode="keep_end"``) that the original
+used: only when the prompt + the longer answer exceed ``max_len`` does the prompt keep its last
+``max_prompt_len`` tokens (the end of the 8-shot prompt and the assistant header stay); if the
+row is still too long, both answers keep their first ``max_len - max_prompt_len`` tokens. The
+answers' end-of-turn token counts as an answer token. Pairs with a cut prompt and pairs with
+cut answers are counted.
+
+With ``eval_fraction`` a deterministic slice of the pairs (by ``seed``) is held out of
+training; the loss, reward accuracy and margin on it are measured before and after training
+(kept in ``OUT/heldout.json``, so that a rerun does not measure them again).
 
 The loss is the sigmoid DPO loss on sequence log-probs (sums over answer tokens):
 ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``, summed over pairs and divided once
@@ -83,7 +89,12 @@ class PairExample:
 
     chosen: text.Example
     rejected: text.Example
-    truncated: bool = False
+    prompt_truncated: bool = False  # the prompt kept only its last max_prompt_len tokens
+    answers_truncated: bool = False  # the longer answer (or both) lost its end
+
+    @property
+    def truncated(self) -> bool:
+        return self.prompt_truncated or self.answers_truncated
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
@@ -105,20 +116,37 @@ def encode_pair(tok, prompt: str, chosen: str, rejected: str, system: str | None
                 max_prompt_len: int = 128, max_len: int = 1024) -> PairExample:
     """Both answers after the prompt under the chat template; targets are the answers' tokens.
 
-    The prompt keeps its last ``max_prompt_len`` tokens; each row is then cut to ``max_len``.
+    TRL's rule (keep_end): when prompt + the longer answer exceed ``max_len``, the prompt keeps
+    its last ``max_prompt_len`` tokens; when that is still too long, each answer keeps its first
+    ``max_len - max_prompt_len`` tokens. A pair that fits is kept whole.
     """
     prompt_ids = text.encode_prompt(tok, prompt, system)
-    kept = np.asarray(prompt_ids[-max_prompt_len:], np.int32)
-    truncated = len(kept) < len(prompt_ids)
+    answers = [_answer_tokens(tok, prompt, a, system, prompt_ids) for a in (chosen, rejected)]
+    longer = max(len(t) for t, _ in answers)
+    kept = prompt_ids[-max_prompt_len:] if len(prompt_ids) + longer > max_len else prompt_ids
+    cut_answers = len(kept) + longer > max_len  # then the longer answer is always cut
+    room = max_len - max_prompt_len
+    kept = np.asarray(kept, np.int32)
     rows = []
-    for answer in (chosen, rejected):
-        toks, mask = _answer_tokens(tok, prompt, answer, system, prompt_ids)
-        room = max_len - len(kept)
-        truncated |= len(toks) > room
-        rows.append(text.Example(np.concatenate([kept, toks[:room]]).astype(np.int32),
-                                 np.concatenate([np.zeros(len(kept), bool), mask[:room]]),
-                                 truncated=truncated))
-    return PairExample(rows[0], rows[1], truncated)
+    for toks, mask in answers:
+        if cut_answers:
+            toks, mask = toks[:room], mask[:room]
+        rows.append(text.Example(np.concatenate([kept, toks]).astype(np.int32),
+                                 np.concatenate([np.zeros(len(kept), bool), mask]),
+                                 truncated=len(kept) < len(prompt_ids) or cut_answers))
+    return PairExample(rows[0], rows[1], len(kept) < len(prompt_ids), cut_answers)
+
+
+def split_pairs(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) pair indices, each in order: ``round(fraction * n)`` held out, at
+    least one when ``fraction > 0`` and ``n >= 2``, and always at least one left to train on."""
+    n_eval = int(round(fraction * n)) if fraction > 0 else 0
+    if fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    else:
+        n_eval = 0
+    held = set(np.random.default_rng([seed, 2]).permutation(n)[:n_eval].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def make_batch(pairs: Sequence[PairExample], idx: Sequence[int], batch_pairs: int, micro_pairs: int,
@@ -165,6 +193,19 @@ def policy_logps(graphdef, params, mb) -> jax.Array:
     return sequence_logps(logits, mb["tokens"], mb["loss_mask"])[0]
 
 
+def pair_sums(logps_2M: jax.Array, ref_2M: jax.Array, pair_mask_2M: jax.Array, beta: float):
+    """(loss sum, metric sums) of a micro-batch's pairs: the rows' log-probs [2M] (chosen, then
+    rejected), their reference log-probs and pair mask in the same layout. Rewards and
+    accuracy are TRL's: ``beta * (policy - reference)``, and chosen reward > rejected reward."""
+    M = logps_2M.shape[0] // 2
+    w = pair_mask_2M[:M]
+    (s, c), (rc, rr) = dpo_loss(logps_2M[:M], logps_2M[M:], ref_2M[:M], ref_2M[M:], beta, w)
+    sums = {"count": c, "rewards/chosen": (rc * w).sum(), "rewards/rejected": (rr * w).sum(),
+            "rewards/accuracy": ((rc > rr) * w).sum(), "rewards/margin": ((rc - rr) * w).sum(),
+            "logps/chosen": (logps_2M[:M] * w).sum(), "logps/rejected": (logps_2M[M:] * w).sum()}
+    return s, sums
+
+
 def make_logps_fn(graphdef):
     """jitted ``(params, batch [1, 2M, T]) -> log-probs [2M]``: the reference pass."""
     return jax.jit(lambda params, batch: policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
@@ -185,13 +226,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
             ref = mb["ref_logps"]
         else:
             ref = jax.lax.stop_gradient(policy_logps(graphdef, ref_params, mb))
-        M = logps.shape[0] // 2
-        w = mb["pair_mask"][:M]
-        (s, c), (rc, rr) = dpo_loss(logps[:M], logps[M:], ref[:M], ref[M:], beta, w)
-        sums = {"count": c, "rewards/chosen": (rc * w).sum(), "rewards/rejected": (rr * w).sum(),
-                "rewards/accuracy": ((rc > rr) * w).sum(), "rewards/margin": ((rc - rr) * w).sum(),
-                "logps/chosen": (logps[:M] * w).sum(), "logps/rejected": (logps[M:] * w).sum()}
-        return s, sums
+        return pair_sums(logps, ref, mb["pair_mask"], beta)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -220,6 +255,35 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
     if live_reference:
         return jax.jit(step, donate_argnums=0)
     return jax.jit(lambda state, batch: step(state, batch), donate_argnums=0)
+
+
+def make_eval_fn(graphdef, beta: float):
+    """jitted ``(params, batch [A, 2M, T]) -> sums``: the summed loss (``loss``) and the metric
+    sums of ``pair_sums`` over a batch laid out as for training, with no gradient."""
+
+    def micro(params, mb):
+        s, sums = pair_sums(policy_logps(graphdef, params, mb), mb["ref_logps"], mb["pair_mask"], beta)
+        return {"loss": s, **sums}
+
+    def fn(params, batch):
+        per = jax.lax.map(lambda mb: micro(params, mb), batch)
+        return jax.tree.map(lambda x: x.sum(0), per)
+
+    return jax.jit(fn)
+
+
+def evaluate_pairs(eval_fn, params, pairs: Sequence[PairExample], ref: tuple[np.ndarray, np.ndarray],
+                   batch_pairs: int, micro_pairs: int, pad_id: int, put=lambda b: b) -> dict:
+    """Mean DPO loss, reward accuracy and margin over ``pairs`` (batches of ``batch_pairs``
+    in order of length, ``micro_pairs`` per forward)."""
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i]), i))
+    parts = [eval_fn(params, put(make_batch(pairs, order[k:k + batch_pairs], batch_pairs, micro_pairs, pad_id, ref)))
+             for k in range(0, len(order), batch_pairs)]
+    host = jax.device_get(parts)
+    total = {k: sum(float(h[k]) for h in host) for k in host[0]}
+    n = max(total["count"], 1.0)
+    return {"loss": total["loss"] / n, "reward_accuracy": total["rewards/accuracy"] / n,
+            "margin": total["rewards/margin"] / n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,12 +413,37 @@ def read_pairs(path: str) -> tuple[str, list[dict]]:
     return path, rows
 
 
-def _train_fingerprint(ref_fp: str, dcfg: DPOConfig, teacher) -> str:
+def _train_settings(dcfg: DPOConfig, seed: int, teacher) -> dict:
+    """The settings a resumed run must share with the one that wrote the checkpoints (kept in
+    them, so that a refusal names what changed)."""
     keep = dataclasses.asdict(dcfg)
-    for k in ("log_every", "save_every", "logger", "export", "max_steps", "ref_cache", "ref_batch_size", "pairs"):
+    for k in ("log_every", "save_every", "logger", "export", "ref_cache", "ref_batch_size", "pairs"):
         keep.pop(k)
-    blob = json.dumps({"reference": ref_fp, "cfg": keep, "remat": teacher.remat}, sort_keys=True)
+    return {"dpo": keep, "seed": seed, "teacher": {"remat": teacher.remat}}
+
+
+def _train_fingerprint(ref_fp: str, settings: dict) -> str:
+    blob = json.dumps({"reference": ref_fp, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+HELDOUT_FILE = "heldout.json"
+
+
+def _heldout(path: str, fingerprint: str, indices: list[int]) -> dict:
+    """The held-out record of this run (``heldout.json``: the held-out pairs' indices in the pairs
+    file, their metrics before and after training), or a fresh one when there is none or it
+    belongs to another run."""
+    n = len(indices)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        rec = None
+    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint or rec.get("indices") != indices:
+        rec = {"fingerprint": fingerprint, "pairs": n, "indices": indices, "before": None, "after": None,
+               "after_step": None}
+    return rec
 
 
 def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
@@ -373,18 +462,22 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     encoded = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], dcfg.system, dcfg.max_prompt_len,
                            dcfg.max_len) for r in rows]
-    n_truncated = sum(p.truncated for p in encoded)
+    train_idx, held_idx = split_pairs(len(encoded), dcfg.eval_fraction, cfg.seed)
+    train = [encoded[i] for i in train_idx]
+    held = [encoded[i] for i in held_idx]
 
     header = reference_fingerprint(pairs_path, teacher.path, teacher.param_dtype, teacher.dtype, tok, dcfg, encoded)
     cache_dir = dcfg.ref_cache or os.path.dirname(os.path.abspath(pairs_path))
     cache_path = os.path.join(cache_dir, f"ref_logps-{header['fingerprint'][:16]}.jsonl")
 
     G = dcfg.batch_size
-    steps_per_epoch = math.ceil(len(encoded) / G)
+    M = dcfg.micro_batch_size or G
+    steps_per_epoch = math.ceil(len(train) / G)
     total = steps_per_epoch * dcfg.epochs
     if dcfg.max_steps is not None:
         total = min(total, dcfg.max_steps)
-    fingerprint = _train_fingerprint(header["fingerprint"], dcfg, teacher)
+    settings = _train_settings(dcfg, cfg.seed, teacher)
+    fingerprint = _train_fingerprint(header["fingerprint"], settings)
 
     mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = sharding.merge_rules(cfg.mesh.rules)
@@ -395,34 +488,48 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     def put(batch):
         return jax.device_put(batch, sft.batch_shardings(mesh, rules, batch))
 
+    heldout_path = os.path.join(out_dir, HELDOUT_FILE)
     with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        ref_c, ref_r, ref_status = reference_logps(cache_path, header, encoded, make_logps_fn(graphdef), params,
-                                                   dcfg.ref_batch_size, pad_id, put, progress)
-        ref_seconds = time.perf_counter() - t0
-        tx = optim.adamw(dcfg.optim, total)
-        state = sft.init_state(params, tx)
-        del params
-        step_fn = make_train_step(graphdef, tx, dcfg.beta)
-
         ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
         try:
-            start = 0
             if ckpts.latest_step() is not None:
                 meta = ckpts.restore_meta()
                 if meta.get("fingerprint") != fingerprint:
-                    raise UserError(f"{out_dir}: holds a DPO run with other pairs, teacher or settings; "
+                    raise UserError(f"{out_dir}: holds a DPO run with other pairs, teacher or settings"
+                                    f"{sft.changed_settings(meta.get('settings'), settings)}; "
                                     "use a new --out or remove it")
+            t0 = time.perf_counter()
+            ref_c, ref_r, ref_status = reference_logps(cache_path, header, encoded, make_logps_fn(graphdef), params,
+                                                       dcfg.ref_batch_size, pad_id, put, progress)
+            ref_seconds = time.perf_counter() - t0
+            held_ref = (ref_c[held_idx], ref_r[held_idx])
+            heldout = _heldout(heldout_path, fingerprint, held_idx) if held else None
+            eval_fn = make_eval_fn(graphdef, dcfg.beta) if held else None
+            if heldout is not None and heldout["before"] is None:  # params are still the reference's
+                heldout["before"] = evaluate_pairs(eval_fn, params, held, held_ref, G, M, pad_id, put)
+                write_json_atomic(heldout_path, heldout)
+
+            tx = optim.adamw(dcfg.optim, total)
+            state = sft.init_state(params, tx)
+            del params
+            step_fn = make_train_step(graphdef, tx, dcfg.beta)
+            start = 0
+            if ckpts.latest_step() is not None:
                 state, meta = ckpts.restore(state)
                 start = int(meta["step"])
             log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), dcfg.logger, resume_from=start)
             try:
-                state, step = _train(state, step_fn, start, total, steps_per_epoch, encoded, (ref_c, ref_r),
-                                     dcfg, cfg.seed, pad_id, put, log, ckpts, fingerprint, progress)
+                state, step = _train(state, step_fn, start, total, steps_per_epoch, train,
+                                     (ref_c[train_idx], ref_r[train_idx]), dcfg, cfg.seed, pad_id, put, log,
+                                     ckpts, {"fingerprint": fingerprint, "settings": settings}, progress)
             finally:
                 log.close()
         finally:
             ckpts.close()  # an interrupted run still finishes the checkpoint it was writing
+        if heldout is not None and (heldout["after"] is None or heldout["after_step"] != step):
+            heldout["after"] = evaluate_pairs(eval_fn, state["params"], held, held_ref, G, M, pad_id, put)
+            heldout["after_step"] = step
+            write_json_atomic(heldout_path, heldout)
 
     export_dir = None
     if dcfg.export:
@@ -432,10 +539,13 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     plot_dpo(metrics_path, os.path.join(out_dir, "dpo.png"))
     rows_logged = [r for r in metrics_lib.read_rows(metrics_path) if "loss" in r]
     summary = {
-        "steps": step, "pairs": len(encoded), "truncated": n_truncated, "epochs": dcfg.epochs,
-        "beta": dcfg.beta, "batch_size": G,
+        "steps": step, "pairs": len(encoded), "train_pairs": len(train),
+        "prompts_truncated": sum(p.prompt_truncated for p in encoded),
+        "answers_truncated": sum(p.answers_truncated for p in encoded),
+        "epochs": dcfg.epochs, "beta": dcfg.beta, "batch_size": G,
         "reference": {"cache": cache_path, "status": ref_status, "seconds": ref_seconds,
                       "fingerprint": header["fingerprint"]},
+        "heldout": ({k: heldout[k] for k in ("pairs", "before", "after")} if heldout is not None else None),
         "first": rows_logged[0] if rows_logged else None,
         "last": rows_logged[-1] if rows_logged else None,
         "last_lr": rows_logged[-1]["lr"] if rows_logged else None,
@@ -447,7 +557,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
 
 
 def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DPOConfig, seed, pad_id, put,
-           log, ckpts, fingerprint, progress):
+           log, ckpts, meta, progress):
     """Steps start..total: batches in each epoch's order, checkpoints every ``save_every``.
 
     Metrics come to the host every ``log_every`` steps, read after the next step has been
@@ -488,7 +598,7 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
             write(ready + pending)
             ready, pending = [], []
             log.flush()
-            ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+            ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
             faults.point("dpo.checkpoint")
         bar.update(1)
     bar.close()

@@ -159,17 +159,42 @@ def batch_shardings(mesh, rules, batch) -> dict:
 # The stage
 
 
-def _fingerprint(rows: Sequence[Row], cfg: SFTConfig, model_path: str) -> str:
+def _settings(cfg: SFTConfig, section: str, model_path: str) -> dict:
+    """What a resumed run must share with the one that wrote the checkpoints, besides its rows
+    (kept in the checkpoints, so a refusal can name what changed)."""
+    keep = dataclasses.asdict(cfg)
+    for k in ("log_every", "save_every", "eval_every", "logger", "export"):
+        keep.pop(k)
+    return {section: keep, "student": {"path": model_path}}
+
+
+def _fingerprint(rows: Sequence[Row], settings: dict) -> str:
     h = hashlib.sha256()
     for r in rows:
         h.update(r.tokens.tobytes())
         h.update(r.loss_mask.tobytes())
         h.update(r.segment_ids.tobytes())
-    keep = dataclasses.asdict(cfg)
-    for k in ("log_every", "save_every", "eval_every", "logger", "export", "max_steps"):
-        keep.pop(k)
-    h.update(json.dumps({"cfg": keep, "model": model_path}, sort_keys=True).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def changed_settings(saved: dict | None, settings: dict) -> str:
+    """``" (changed: dpo.max_steps 3 -> 5, ...)"``: the dotted keys whose values differ from the
+    settings a checkpoint recorded; empty when it recorded none or none differ."""
+    from montessori_jax.config import diff_dicts
+
+    if not saved:
+        return ""
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    keys = diff_dicts(saved, settings)
+    if not keys:
+        return ""
+    return " (changed: " + ", ".join(f"{k} {get(saved, k)!r} -> {get(settings, k)!r}" for k in keys) + ")"
 
 
 def encode_pairs(tok, pairs, cfg: SFTConfig) -> list[text.Example]:
@@ -215,7 +240,8 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     if scfg.max_steps is not None:
         total = min(total, scfg.max_steps)
     buckets = text.DEFAULT_BUCKETS
-    fingerprint = _fingerprint(rows, scfg, model_cfg.path)
+    settings = _settings(scfg, section, model_cfg.path)
+    fingerprint = _fingerprint(rows, settings)
 
     mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = sharding.merge_rules(cfg.mesh.rules)
@@ -232,7 +258,8 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     if ckpts.latest_step() is not None:
         meta = ckpts.restore_meta()
         if meta.get("fingerprint") != fingerprint:
-            raise UserError(f"{out_dir}: holds a run with other data or settings; use a new --out or remove it")
+            raise UserError(f"{out_dir}: holds a run with other data or settings"
+                            f"{changed_settings(meta.get('settings'), settings)}; use a new --out or remove it")
         state, meta = ckpts.restore(state)
         start = int(meta["step"])
     log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
@@ -273,7 +300,8 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
                 eval_loss(step)
             if step % scfg.save_every == 0 or step == total:
                 log.flush()
-                ckpts.save(step, state, {"step": step, "fingerprint": fingerprint}, wait=step == total)
+                ckpts.save(step, state, {"step": step, "fingerprint": fingerprint, "settings": settings},
+                           wait=step == total)
                 faults.point("sft.checkpoint")
             bar.update(1)
     bar.close()

@@ -311,6 +311,22 @@ def test_diff_lists_changed_keys_in_field_order():
     assert diff(reordered, more) == ["mesh.rules.vocab", "mesh.rules.embed"]
 
 
+def test_diff_dicts_names_nested_keys():
+    from montessori_jax.config import diff_dicts
+
+    saved = {"dpo": {"max_steps": None, "optim": {"lr": 1e-6}}, "seed": 0}
+    assert diff_dicts(saved, saved) == []
+    assert diff_dicts(saved, {"dpo": {"max_steps": 3, "optim": {"lr": 1e-5}}, "seed": 0}) == [
+        "dpo.max_steps", "dpo.optim.lr"]
+    assert diff_dicts(saved, {"dpo": {"max_steps": None, "optim": {"lr": 1e-6}}, "seed": 0, "new": 1}) == ["new"]
+
+
+def test_dpo_eval_fraction_must_be_below_one():
+    assert load_config(Config, None, ["dpo.eval_fraction=0.25"]).dpo.eval_fraction == 0.25
+    with pytest.raises(ConfigError, match=r"dpo: eval_fraction=1.0 must be in \[0, 1\)"):
+        load_config(Config, None, ["dpo.eval_fraction=1.0"])
+
+
 def test_diff_refuses_different_classes():
     with pytest.raises(TypeError):
         diff(Config(), MeshConfig())

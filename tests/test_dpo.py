@@ -81,42 +81,57 @@ def test_loss_against_hand_computed_values(beta):
 # --- sequence log-probs against transformers --------------------------------------------------
 
 
-def _torch_answer_logp(tm, tok, prompt, answer, max_prompt_len):
-    """log p(answer | prompt) from transformers, the token boundary found from the chat template."""
+def _torch_pair_logps(tm, tok, prompt, answers, max_prompt_len, max_len):
+    """log p(answer | prompt) of both answers from transformers, the token boundary found from the
+    chat template and TRL's keep_end rule written out here; with the prompt's whole length."""
     import torch
 
     msgs = [{"role": "user", "content": prompt}]
     p_ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False)["input_ids"]
-    f_ids = tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False),
-                add_special_tokens=False)["input_ids"]
-    assert f_ids[:len(p_ids)] == p_ids and f_ids[-1] == tok.eos_token_id
-    answer_ids = f_ids[len(p_ids):]
-    ids = p_ids[-max_prompt_len:] + answer_ids
-    with torch.no_grad():
-        logits = tm(torch.tensor([ids])).logits[0].double()
-    logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-    n_prompt = len(ids) - len(answer_ids)
-    return float(logp[n_prompt - 1:].sum()), len(answer_ids), len(p_ids)
+    answer_ids = []
+    for answer in answers:
+        f_ids = tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+        assert f_ids[:len(p_ids)] == p_ids and f_ids[-1] == tok.eos_token_id
+        answer_ids.append(f_ids[len(p_ids):])
+    longer = max(map(len, answer_ids))
+    kept = p_ids[-max_prompt_len:] if len(p_ids) + longer > max_len else p_ids
+    if len(kept) + longer > max_len:
+        answer_ids = [a[:max_len - max_prompt_len] for a in answer_ids]
+    out = []
+    for a in answer_ids:
+        ids = kept + a
+        with torch.no_grad():
+            logits = tm(torch.tensor([ids])).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        out.append((float(logp[len(kept) - 1:].sum()), len(a)))
+    return out
 
 
-@pytest.mark.parametrize("max_prompt_len", [128, 6])
-def test_sequence_logps_equal_transformers(tiny_checkpoint, max_prompt_len):
+# Under the tiny checkpoint's tokenizer the prompts are 90 and 87 tokens, the answers 7 and 3,
+# and 12 and 4 (each with its end of turn). (6, 24): both prompts are cut to 6 and the answers fit;
+# (6, 14): the second pair is still 6 + 12 > 14, so its answers keep their first 14 - 6 = 8.
+@pytest.mark.parametrize("max_prompt_len, max_len, prompts_cut, answers_cut",
+                         [(128, 256, [False, False], [False, False]), (6, 24, [True, True], [False, False]),
+                          (6, 14, [True, True], [False, True])])
+def test_sequence_logps_equal_transformers(tiny_checkpoint, max_prompt_len, max_len, prompts_cut, answers_cut):
     folder, tm = tiny_checkpoint
     tok = text.load_tokenizer(folder)
     graphdef, params = M.split_params(weights.load_model(folder))
     items = [("the cat sat on the mat", "a dog ran in the park", "the sun"),
              ("a dog ran", "the sun is warm today and the cat sat", "mat mat mat")]
-    pairs = [dpo.encode_pair(tok, p, c, r, max_prompt_len=max_prompt_len, max_len=256) for p, c, r in items]
+    pairs = [dpo.encode_pair(tok, p, c, r, max_prompt_len=max_prompt_len, max_len=max_len) for p, c, r in items]
     batch = dpo.make_batch(pairs, [0, 1], 2, 2, tok.pad_token_id)
     ours = np.asarray(dpo.policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
     counts = batch["loss_mask"][0].sum(-1)
     for i, (prompt, chosen, rejected) in enumerate(items):
-        for row, answer in ((i, chosen), (2 + i, rejected)):
-            want, n_answer, n_prompt = _torch_answer_logp(tm, tok, prompt, answer, max_prompt_len)
-            assert counts[row] == n_answer  # the answer and its end of turn; no prompt token
-            assert abs(ours[row] - want) <= 1e-4 * max(1.0, abs(want)), (row, ours[row], want)
-        assert pairs[i].truncated == (n_prompt > max_prompt_len)
+        want = _torch_pair_logps(tm, tok, prompt, (chosen, rejected), max_prompt_len, max_len)
+        for row, (logp, n_answer) in zip((i, 2 + i), want):
+            assert counts[row] == n_answer  # the answer (and its end of turn when kept); no prompt token
+            assert abs(ours[row] - logp) <= 1e-4 * max(1.0, abs(logp)), (row, ours[row], logp)
+        assert pairs[i].prompt_truncated == prompts_cut[i] and pairs[i].answers_truncated == answers_cut[i]
+        assert pairs[i].truncated == (prompts_cut[i] or answers_cut[i])
 
 
 def test_long_answer_is_cut_to_max_len(tiny_checkpoint):
@@ -126,6 +141,77 @@ def test_long_answer_is_cut_to_max_len(tiny_checkpoint):
     p = dpo.encode_pair(tok, "a dog", long, "the sun", max_prompt_len=8, max_len=24)
     assert p.truncated and len(p.chosen) == 24 and p.chosen.loss_mask[-1]
     assert len(p.rejected) < 24 and not p.rejected.loss_mask[:len(p.rejected) - 3].all()
+
+
+# --- truncation, counted by hand ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    """One token per word: under its template a prompt of n words is n + 3 tokens (<|user|>, the
+    words, </s>, <|assistant|>), an answer of n words n + 1 targets (the words, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<s>", "</s>", "<|user|>", "<|assistant|>", "[UNK]"] + [f"w{i}" for i in range(40)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    return tok
+
+
+def _words(lo, hi):
+    return " ".join(f"w{i}" for i in range(lo, hi))
+
+
+def _ids(tok, *words):
+    return [tok.convert_tokens_to_ids(w) for w in words]
+
+
+def test_truncation_pair_that_fits_is_kept_whole(word_tok):
+    # prompt 10 words: 13 tokens; answers 4 and 6 words: 5 and 7; 13 + 7 = 20, not over 20
+    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=20)
+    prompt = _ids(word_tok, "<|user|>", *_words(0, 10).split(), "</s>", "<|assistant|>")
+    assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
+    assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 26).split(), "</s>")
+    assert len(p.chosen) == 18 and len(p.rejected) == 20 and len(p) == 20
+    assert p.chosen.loss_mask.tolist() == [False] * 13 + [True] * 5
+    assert p.rejected.loss_mask.tolist() == [False] * 13 + [True] * 7
+    assert not p.prompt_truncated and not p.answers_truncated and not p.truncated
+
+
+def test_truncation_prompt_keeps_its_end_when_the_row_is_too_long(word_tok):
+    # the same pair with max_len 19: 13 + 7 > 19, so the prompt keeps its last 8 tokens
+    # (w4..w9, </s>, <|assistant|>); 8 + 7 = 15 fits, so both answers stay whole
+    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=19)
+    prompt = _ids(word_tok, *_words(4, 10).split(), "</s>", "<|assistant|>")
+    assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
+    assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 26).split(), "</s>")
+    assert len(p.chosen) == 13 and len(p.rejected) == 15
+    assert p.chosen.loss_mask.tolist() == [False] * 8 + [True] * 5
+    assert p.rejected.loss_mask.tolist() == [False] * 8 + [True] * 7
+    assert p.prompt_truncated and not p.answers_truncated
+
+
+def test_truncation_prompt_and_answers_cut(word_tok):
+    # prompt 13 tokens, answers 5 and 13; max_len 16: 13 + 13 > 16, the prompt keeps 8; 8 + 13 > 16,
+    # so each answer keeps its first 16 - 8 = 8 tokens: the short one whole, the long one without </s>
+    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
+    prompt = _ids(word_tok, *_words(4, 10).split(), "</s>", "<|assistant|>")
+    assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
+    assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 28).split())
+    assert len(p.chosen) == 13 and len(p.rejected) == 16
+    assert p.rejected.loss_mask.tolist() == [False] * 8 + [True] * 8
+    assert p.prompt_truncated and p.answers_truncated
+    # a prompt of 4 words (7 tokens, under max_prompt_len) is not cut, yet 7 + 13 > 16: the answers
+    # still keep only 16 - 8 = 8 tokens, and the row is 15 long, as TRL leaves it
+    p = dpo.encode_pair(word_tok, _words(0, 4), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
+    assert p.rejected.tokens.tolist() == _ids(word_tok, "<|user|>", *_words(0, 4).split(), "</s>", "<|assistant|>",
+                                              *_words(20, 28).split())
+    assert len(p.chosen) == 12 and len(p.rejected) == 15
+    assert not p.prompt_truncated and p.answers_truncated
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -217,6 +303,48 @@ def test_sharded_equals_unsharded(steps, tmp_path):
     for k in params:
         a, b_ = np.asarray(mu[k]), np.asarray(mu_one[k])
         assert np.abs(a - b_).max() <= 1e-5 * np.abs(b_).max(), k
+
+
+# --- held-out pairs ---------------------------------------------------------------------------
+
+
+def test_split_pairs_rule():
+    assert dpo.split_pairs(6, 0.0, 0) == (list(range(6)), [])
+    assert dpo.split_pairs(1, 0.5, 0) == ([0], [])  # nothing left to train on otherwise
+    # n_eval = round(fraction * n), at least 1, at most n - 1
+    for n, fraction, n_eval in [(2, 0.25, 1), (4, 0.25, 1), (6, 0.25, 2), (6, 0.34, 2), (8, 0.25, 2),
+                                (4, 0.9, 3), (3, 0.1, 1)]:
+        train, held = dpo.split_pairs(n, fraction, seed=0)
+        assert len(held) == n_eval, (n, fraction)
+        assert sorted(train + held) == list(range(n)) and train == sorted(train) and held == sorted(held)
+    assert dpo.split_pairs(10, 0.3, 5) == dpo.split_pairs(10, 0.3, 5)  # by seed
+    assert dpo.split_pairs(10, 0.3, 5)[1] != dpo.split_pairs(10, 0.3, 6)[1]
+
+
+def test_heldout_eval_at_the_reference_then_after_training(steps, tmp_path):
+    _, params = M.split_params(M.create(CFG, seed=11))
+    pairs = _pairs(4, seed=12)
+    ref = _ref(steps["logps"], params, pairs, tmp_path)  # as the stage: the cache, 4 pairs a forward
+    eval_fn = dpo.make_eval_fn(steps["graphdef"], 0.1)
+    held = [pairs[1]]
+    held_ref = (ref[0][[1]], ref[1][[1]])
+    # policy = reference: every reward 0, so the loss is log 2, the margin 0 and no pair ranked right
+    for batch_pairs, micro in ((2, 1), (4, 4)):
+        for ps, r in ((held, held_ref), (pairs, ref)):
+            before = dpo.evaluate_pairs(eval_fn, params, ps, r, batch_pairs, micro, 0)
+            assert before["loss"] == pytest.approx(LOG2, abs=1e-6)
+            assert before["margin"] == 0.0 and before["reward_accuracy"] == 0.0
+    # train on all four (the held-out pair among them) at lr 1e-3: its margin rises
+    state = sft.init_state(_copy(params), steps["tx"])
+    batch = dpo.make_batch(pairs, range(4), 4, 4, 0, ref)
+    for _ in range(3):
+        state, _ = steps["cached"](state, batch)
+    after = dpo.evaluate_pairs(eval_fn, state["params"], held, held_ref, 2, 1, 0)
+    lp = np.asarray(steps["logps"](state["params"], dpo.make_batch(held, [0], 1, 1, 0)), np.float64)
+    want = 0.1 * ((lp[0] - held_ref[0][0]) - (lp[1] - held_ref[1][0]))
+    assert after["margin"] == pytest.approx(want, rel=1e-4) and after["margin"] > 0.01
+    assert after["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-want))), rel=1e-4)
+    assert after["loss"] < LOG2 and after["reward_accuracy"] == 1.0
 
 
 # --- the reference cache ----------------------------------------------------------------------
@@ -341,6 +469,42 @@ def test_stage_outputs_reuse_and_resume(tiny_checkpoint, pairs_file, tmp_path, c
     # other settings in the same folder are refused
     assert main(_args(folder, pairs_file, cut, "dpo.beta=0.2")) == 2
     assert "holds a DPO run with other pairs" in capsys.readouterr().err
+
+
+def test_stage_heldout_pairs_and_resume_settings(tiny_checkpoint, pairs_file, tmp_path, capsys, monkeypatch):
+    from montessori_jax.cli import main
+
+    folder, _ = tiny_checkpoint
+    out = tmp_path / "held"
+    # 6 pairs, round(0.34 * 6) = 2 held out: 4 train, 2 a step, 2 epochs
+    assert main(_args(folder, pairs_file, out, "dpo.eval_fraction=0.34")) == 0
+    printed = capsys.readouterr().out
+    assert "4 steps on 4 pairs (2 held out)" in printed and "held out, before training: loss 0.6931" in printed
+    # every prompt (about 90 tokens under the fallback template) is over 48 - its answer: cut to 16
+    assert "truncated: 6 of 6 pairs lost the start of their prompt (dpo.max_prompt_len), 0 the end" in printed
+    summary = json.load(open(out / "summary.json"))
+    held = summary["heldout"]
+    assert summary["pairs"] == 6 and summary["train_pairs"] == 4 and held["pairs"] == 2
+    assert held["before"]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert held["before"]["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert all(math.isfinite(v) for v in held["after"].values()) and held["after"] != held["before"]
+    record = json.load(open(out / "heldout.json"))
+    assert record["after_step"] == 4 and len(record["indices"]) == 2
+
+    # a rerun after completion keeps both measurements and computes neither again
+    def no_eval(*a, **kw):
+        raise AssertionError("held-out pairs evaluated again")
+
+    monkeypatch.setattr(dpo, "evaluate_pairs", no_eval)
+    assert main(_args(folder, pairs_file, out, "dpo.eval_fraction=0.34")) == 0
+    assert json.load(open(out / "summary.json"))["heldout"] == held
+    capsys.readouterr()
+    # max_steps and eval_fraction are part of the run: a change is refused, naming the key
+    assert main(_args(folder, pairs_file, out, "dpo.eval_fraction=0.34", "dpo.max_steps=3")) == 2
+    assert "dpo.max_steps None -> 3" in capsys.readouterr().err
+    assert main(_args(folder, pairs_file, out, "dpo.eval_fraction=0.5")) == 2
+    assert "dpo.eval_fraction 0.34 -> 0.5" in capsys.readouterr().err
+    assert summary["prompts_truncated"] == 6 and summary["answers_truncated"] == 0
 
 
 def test_fingerprint_covers_pairs_weights_template_and_lengths(tiny_checkpoint, pairs_file, tmp_path):

@@ -243,3 +243,19 @@ def test_resume_after_kill_equals_uninterrupted(tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(np.asarray(p_full[k]), np.asarray(p_cut[k]))
     steps = [json.loads(line)["step"] for line in open(cut / "metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, 13))  # no step lost or logged twice
+
+
+def test_changed_max_steps_on_rerun_is_refused_naming_the_key(tiny_checkpoint, tmp_path, capsys):
+    from montessori_jax.cli import main
+
+    folder, _ = tiny_checkpoint
+    data = tmp_path / "data.jsonl"
+    _write_data(data, n=8)
+    out = tmp_path / "out"
+    args = [a for a in _sft_cmd(folder, data, out)[3:] if a != "mesh.fsdp=1"]  # in this process: 8 devices
+    assert main(args + ["sft.max_steps=2"]) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 2
+    assert main(args + ["sft.max_steps=2"]) == 0  # the same settings: finished, nothing to do
+    capsys.readouterr()
+    assert main(args + ["sft.max_steps=3"]) == 2
+    assert "holds a run with other data or settings (changed: sft.max_steps 2 -> 3)" in capsys.readouterr().err
