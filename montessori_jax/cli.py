@@ -17,7 +17,7 @@ MODEL_HELP = 'an HF Llama folder, a .gguf file, or "smollm2" (the embedded SmolL
 
 
 def cmd_score(args) -> int:
-    from montessori_jax.scoring import score_file
+    from montessori_jax.stages.score import score_file
 
     summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size,
                          max_len=args.max_len, dtype=args.dtype, chat_template=args.chat_template)
@@ -77,7 +77,7 @@ def _stage_args(p) -> None:
 
 def cmd_sft(args) -> int:
     from montessori_jax.config import Config, load_config
-    from montessori_jax.sft import run_sft
+    from montessori_jax.stages.sft import run_sft
 
     cfg = load_config(Config, args.config, args.overrides)
     s = run_sft(cfg, args.out)
@@ -102,7 +102,7 @@ def _add_sft(sub) -> None:
 
 def cmd_influence(args) -> int:
     from montessori_jax.config import Config, load_config
-    from montessori_jax.influence_stage import run_influence
+    from montessori_jax.stages.influence import run_influence
 
     overrides = list(args.overrides)
     if args.estimator:
@@ -145,7 +145,7 @@ def _add_influence(sub) -> None:
 
 def cmd_preferences(args) -> int:
     from montessori_jax.config import Config, load_config
-    from montessori_jax.preferences import run_preferences
+    from montessori_jax.stages.preferences import run_preferences
 
     cfg = load_config(Config, args.config, args.overrides)
     s = run_preferences(cfg, args.out)
@@ -174,7 +174,7 @@ def _add_preferences(sub) -> None:
 
 def cmd_dpo(args) -> int:
     from montessori_jax.config import Config, load_config
-    from montessori_jax.dpo import run_dpo
+    from montessori_jax.stages.dpo import run_dpo
 
     cfg = load_config(Config, args.config, args.overrides)
     s = run_dpo(cfg, args.out)
@@ -216,7 +216,7 @@ def _add_dpo(sub) -> None:
 
 def cmd_synthesize(args) -> int:
     from montessori_jax.config import Config, load_config
-    from montessori_jax.synthesis import format_summary, run_synthesize
+    from montessori_jax.stages.synthesis import format_summary, run_synthesize
 
     cfg = load_config(Config, args.config, args.overrides)
     print(format_summary(run_synthesize(cfg, args.out)))
@@ -241,7 +241,8 @@ def cmd_eval(args) -> int:
     import warnings
 
     from montessori_jax.config import Config, load_config
-    from montessori_jax.eval import EvalOverlapWarning, format_table, parse_models, run_eval
+    from montessori_jax.stages.data import EvalOverlapWarning
+    from montessori_jax.stages.eval import format_table, parse_models, run_eval
 
     cfg = load_config(Config, args.config, args.overrides)
     models = parse_models(args.model) if args.model else None
@@ -279,7 +280,8 @@ def _add_eval(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from montessori_jax.sampling import SamplingParams, generate_jsonl
+    from montessori_jax.kernels.sampler import SamplingParams
+    from montessori_jax.stages.generate import generate_jsonl
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             presence_penalty=args.presence_penalty, max_new_tokens=args.max_new_tokens,
@@ -326,7 +328,7 @@ def _add_generate(sub) -> None:
 def cmd_judge(args) -> int:
     import dataclasses
 
-    from montessori_jax import judge
+    from montessori_jax.stages import judge
     from montessori_jax.config import JudgeConfig
 
     fields = {f.name for f in dataclasses.fields(JudgeConfig)}
@@ -373,14 +375,14 @@ def _add_judge(sub) -> None:
 
 
 def _bench_sft(args):
-    from montessori_jax import bench_sft
+    from montessori_jax.bench import sft as bench_sft
 
     return bench_sft, bench_sft.bench_sft(model=args.model, batch=args.batch_size or 4, length=args.length,
                                           steps=args.steps)
 
 
 def _bench_influence(args):
-    from montessori_jax import bench_influence
+    from montessori_jax.bench import influence as bench_influence
 
     return bench_influence, bench_influence.bench_influence(
         model=args.model, n_ref=args.ref_rows, n_probe=args.probes, n_original=args.original,
@@ -388,7 +390,7 @@ def _bench_influence(args):
 
 
 def _bench_generate(args):
-    from montessori_jax import bench_generate
+    from montessori_jax.bench import generate as bench_generate
 
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     return bench_generate, bench_generate.bench_generate(
@@ -398,21 +400,28 @@ def _bench_generate(args):
 
 
 def _bench_dedup(args):
-    from montessori_jax import bench_dedup
+    from montessori_jax.bench import dedup as bench_dedup
 
     return bench_dedup, bench_dedup.bench_dedup(args.candidates, rouge_pairs=args.rouge_pairs)
 
 
 def _bench_dpo(args):
-    from montessori_jax import bench_dpo
+    from montessori_jax.bench import dpo as bench_dpo
 
     return bench_dpo, bench_dpo.bench_dpo(model=args.model, random=args.random, batch=args.batch_size or 2,
                                           length=args.length, steps=args.steps)
 
 
+def _bench_serve(args):
+    from montessori_jax.bench import serve as bench_serve
+
+    return bench_serve, bench_serve.bench_serve(model=args.model, requests=args.batch_size or 64,
+                                                max_new_tokens=args.max_new_tokens)
+
+
 # what -> a function (args) -> (module with format_table, result dict)
 BENCHES = {"generate": _bench_generate, "sft": _bench_sft, "influence": _bench_influence, "dedup": _bench_dedup,
-           "dpo": _bench_dpo}
+           "dpo": _bench_dpo, "serve": _bench_serve}
 
 
 def cmd_bench(args) -> int:
@@ -437,7 +446,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results here")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sft: examples per step; influence: B; dpo: pairs per step")
+                   help="sft: examples per step; influence: B; dpo: pairs per step; serve: concurrent requests")
     p.add_argument("--length", type=int, default=256, help="sft, dpo: tokens per row; generate --random: prompt tokens")
     p.add_argument("--steps", type=int, default=5, help="sft, dpo: timed steps")
     p.add_argument("--ref-rows", type=int, default=16, help="influence: D_ref rows")
@@ -445,7 +454,8 @@ def _add_bench(sub) -> None:
                    help="influence: probing examples ((c) pays grad L_ref once, so c/b grows with this)")
     p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
     p.add_argument("--batch-sizes", default="1,16", help="generate: comma-separated batch sizes")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per row (no early stop)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="generate: tokens per row (no early stop); serve: max_tokens per request")
     p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="generate")
     p.add_argument("--top-k", type=int, default=0, help="generate")
@@ -521,7 +531,7 @@ def _add_status(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from montessori_jax import compare
+    from montessori_jax.stages import compare
     from montessori_jax.files import write_json_atomic
 
     result = compare.compare(args.run_dirs)
@@ -543,7 +553,7 @@ def _add_compare(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from montessori_jax import serve
+    from montessori_jax.stages import serve
 
     engine = serve.load_engine(args.model, name=args.served_model_name, batch_window_ms=args.batch_window_ms,
                                max_batch=args.max_batch, param_dtype=args.dtype, dtype=args.dtype)

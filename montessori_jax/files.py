@@ -1,6 +1,7 @@
-"""Files: JSON and JSONL written so that a reader never sees half a file (a temporary name in
-the same folder, flushed, then renamed over the target), cached sha256 digests, and where the
-project's shared data sets are."""
+"""Files: JSON and JSONL read with errors that name the line, and written so that a reader
+never sees half a file (a temporary name in the same folder, flushed, then renamed over the
+target); cached sha256 digests; where the project's shared data sets and the packaged ones
+(``montessori_jax/assets``) are."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
+
+from montessori_jax.errors import UserError
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -42,6 +45,41 @@ def write_lines_atomic(path: str, lines: Iterable[str]) -> None:
 def write_jsonl_atomic(path: str, rows: Iterable[Mapping]) -> None:
     """One JSON object per line, written as ``write_lines_atomic`` does."""
     write_lines_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All rows of a JSONL file; a line that is not a JSON object is an error naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = n
+            rows.append(row)
+    return rows
+
+
+def read_json(path: str, *, damaged_ok: bool = False):
+    """A JSON file's value; None when the file is not there (or, with ``damaged_ok``, when it
+    cannot be read or parsed: the caller then computes it again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        if damaged_ok:
+            return None
+        raise
 
 
 _sha256_cache: dict[tuple, str] = {}
@@ -90,3 +128,16 @@ def shared_data_path(name: str) -> str:
     folder = os.environ.get(SHARED_DATA_ENV) or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
     return os.path.normpath(os.path.join(folder, name))
+
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def packaged_path(name: str) -> str:
+    """Path of a data set shipped in ``montessori_jax/assets``."""
+    return os.path.join(ASSETS, name)
+
+
+PACKAGED_EVAL = packaged_path("eval.jsonl")
+PACKAGED_REFERENCE = packaged_path("reference.jsonl")
+PACKAGED_SEED_POOL = packaged_path("seed_pool.jsonl")

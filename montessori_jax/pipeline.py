@@ -44,7 +44,13 @@ from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
 from montessori_jax.errors import ConfigError, UserError
-from montessori_jax.files import sha256_path, write_json_atomic
+from montessori_jax.core import weights
+from montessori_jax.files import PACKAGED_REFERENCE, read_json, sha256_path, write_json_atomic
+from montessori_jax.stages import data as data_lib
+from montessori_jax.stages import dpo, judge, pairs as pairs_lib, preferences, sft, teacher_shift
+from montessori_jax.stages import eval as eval_lib
+from montessori_jax.stages import influence as influence_stage
+from montessori_jax.stages.synthesis import load_seed_pool, synthesize
 
 MANIFEST = "manifest.json"
 MONTESSORI_STAGES = ("synthesize", "warmup", "influence", "preferences", "dpo", "synthesize_train",
@@ -60,8 +66,6 @@ TRAIN_SEED_OFFSET = 7919
 
 def _model_file(path: str) -> str:
     """The file or folder that holds a model's weights ("smollm2" resolves to its GGUF)."""
-    from montessori_jax import weights
-
     return weights.resolve_path(path)
 
 
@@ -113,7 +117,7 @@ class _Wiring:
 
     def optimized_teacher(self, iteration: int) -> ModelConfig:
         dpo_dir = self.dir(iteration, "montessori", "dpo")
-        summary = _read_json(os.path.join(dpo_dir, "summary.json"))
+        summary = read_json(os.path.join(dpo_dir, "summary.json"))
         if summary is not None and summary.get("skipped"):
             return self.teacher(iteration, "montessori")
         return dataclasses.replace(self.cfg.teacher, path=os.path.join(dpo_dir, "model"))
@@ -122,8 +126,6 @@ class _Wiring:
 def plan(cfg: Config, run_dir: str, *, progress: bool = True, generator_factory=None) -> list[Stage]:
     """The stages of ``cfg`` in the order they run. ``generator_factory(teacher: ModelConfig)``
     replaces the teacher's sampler in synthesis (tests, other engines)."""
-    from montessori_jax import eval as eval_lib
-
     w = _Wiring(cfg, run_dir)
     stages: list[Stage] = []
 
@@ -208,9 +210,6 @@ def _stage_config(cfg: Config, name: str, k: int) -> dict:
 
 
 def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progress: bool, gen):
-    from montessori_jax import dpo, eval as eval_lib, influence_stage, preferences, sft, teacher_shift
-    from montessori_jax.synthesis import synthesize
-
     synth_dir, warm_dir = w.dir(k, arm, "synthesize"), w.dir(k, arm, "warmup")
     infl_dir, pref_dir = w.dir(k, arm, "influence"), w.dir(k, arm, "preferences")
     train_synth_dir, train_dir = w.dir(k, arm, "synthesize_train"), w.dir(k, arm, "train")
@@ -239,7 +238,7 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
                                        probe=j(synth_dir, "probe.jsonl"))
             s = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg), d, progress=progress)
             return s, {"warm_state": icfg.warm_state, "probe": icfg.probe,
-                       "reference": cfg.influence.reference or influence_stage.PACKAGED_REFERENCE}, {
+                       "reference": cfg.influence.reference or PACKAGED_REFERENCE}, {
                 "scores": j(d, "scores.jsonl")}
     elif name == "preferences":
         def run():
@@ -307,14 +306,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
 def package_versions() -> dict:
     from importlib import metadata
 
@@ -329,7 +320,7 @@ def package_versions() -> dict:
 
 def read_manifest(run_dir: str) -> dict:
     path = os.path.join(run_dir, MANIFEST)
-    m = _read_json(path)
+    m = read_json(path)
     if m is None:
         raise UserError(f"{run_dir}: no {MANIFEST} (not a run directory of `montessori run`)")
     return m
@@ -377,9 +368,6 @@ def _select_restart(stages: list[Stage], restart_from: str | None) -> set[str]:
 def preflight(cfg: Config) -> None:
     """Checks that need no model run: paths, the seed pool, splits, the eval set's overlap.
     Raises UserError before anything is written."""
-    from montessori_jax import eval as eval_lib
-    from montessori_jax.synthesis import load_seed_pool
-
     for role in ("teacher", "student"):
         path = getattr(cfg, role).path
         try:
@@ -397,16 +385,15 @@ def preflight(cfg: Config) -> None:
                             "e.g. synthesis.splits={warmup: 0.25, probe: 0.75}")
     # an eval set that repeats D_ref measures what influence optimized the teacher for, not
     # what the student learned: in a run that is an error (`montessori eval` alone only warns)
-    from montessori_jax import pairs as pairs_lib
 
     ecfg = cfg.eval
-    data_path = eval_lib.resolve_data(ecfg.data)
-    items = [(p.where, eval_lib.prompt_text(p.prompt))
+    data_path = data_lib.resolve_data(ecfg.data)
+    items = [(p.where, data_lib.prompt_text(p.prompt))
              for p in pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)]
-    what, ref_path, ref_items = eval_lib._others(cfg, ecfg)["reference"]
-    rows = eval_lib.find_overlaps(items, ref_items)
+    what, ref_path, ref_items = data_lib.overlap_sets(cfg, ecfg)["reference"]
+    rows = data_lib.find_overlaps(items, ref_items)
     if rows:
-        raise UserError(eval_lib.overlap_message(data_path, what, ref_path, rows)
+        raise UserError(data_lib.overlap_message(data_path, what, ref_path, rows)
                         + "; give eval.data a held-out set")
 
 
@@ -420,7 +407,7 @@ def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress:
     preflight(cfg)
     stages = plan(cfg, run_dir, progress=progress, generator_factory=generator_factory)
     path = os.path.join(run_dir, MANIFEST)
-    manifest = _read_json(path) if os.path.isdir(run_dir) else None
+    manifest = read_json(path) if os.path.isdir(run_dir) else None
     if manifest is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise UserError(f"{run_dir}: exists, is not empty and has no {MANIFEST}; choose a new --run-dir")
 
@@ -508,13 +495,11 @@ def _arm_differences(rows: list[dict]) -> dict[int, float]:
 
 
 def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
-    from montessori_jax import eval as eval_lib, teacher_shift
-
     rows = []
     for s in stages:
         if s.name != "eval":
             continue
-        summary = _read_json(os.path.join(s.dir, "summary.json"))
+        summary = read_json(os.path.join(s.dir, "summary.json"))
         if summary is not None:
             rows.extend(eval_lib.summary_rows(summary, arm=s.arm, iteration=s.iteration))
     out = {"run_dir": run_dir, "rows": rows, "table": eval_lib.format_table(rows)}
@@ -527,7 +512,7 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
                 shifts.append({"iteration": s.iteration, **summary})
                 report.append(teacher_shift.format_lines(summary, f"iter{s.iteration}" if cfg.run.iterations > 1 else ""))
         elif s.name == "dpo":
-            summary = _read_json(os.path.join(s.dir, "summary.json")) or {}
+            summary = read_json(os.path.join(s.dir, "summary.json")) or {}
             if summary.get("heldout"):
                 heldout.append({"iteration": s.iteration, **summary["heldout"]})
                 report.append(_format_heldout(summary["heldout"], s.iteration if cfg.run.iterations > 1 else None))
@@ -548,8 +533,6 @@ def _final_summary(cfg: Config, run_dir: str, stages: list[Stage]) -> dict:
 def _judge_arms(cfg: Config, run_dir: str, stages: list[Stage]) -> dict | None:
     """With ``judge.base_url`` and ``eval.mt_bench`` set: the Montessori student against the
     Self-Instruct student on MT-Bench, per iteration (``judge.compare_arms``)."""
-    from montessori_jax import judge
-
     dirs = {(s.arm, s.iteration): s.dir for s in stages if s.name == "eval" and s.arm in ("montessori", "self_instruct")}
     return judge.compare_arms(cfg, run_dir, dirs)
 

@@ -77,7 +77,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from montessori_jax.text import embedded_smollm2_path
+    from montessori_jax.core.text import embedded_smollm2_path
 
     return embedded_smollm2_path()
 
@@ -95,13 +95,13 @@ def smollm2_torch(smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_jax(smollm2_path):
-    from montessori_jax import weights
+    from montessori_jax.core import weights
 
     return weights.load_model(smollm2_path)
 
 
 @pytest.fixture(scope="session")
 def smollm2_tok():
-    from montessori_jax import text
+    from montessori_jax.core import text
 
     return text.load_tokenizer("smollm2")

@@ -22,7 +22,7 @@ WORDS = ("river", "garden", "engine", "lantern", "violin", "harbor", "puzzle", "
 
 class TaggingTeacher:
     def __init__(self, teacher):
-        from montessori_jax.synthesis import TeacherGenerator
+        from montessori_jax.stages.synthesis import TeacherGenerator
 
         self.inner = TeacherGenerator.load(teacher, batch_size=16)
 
@@ -32,7 +32,7 @@ class TaggingTeacher:
         return [WORDS[b % len(WORDS)] for b in h[:k]]
 
     def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
-        from montessori_jax.synthesis import Completion
+        from montessori_jax.stages.synthesis import Completion
 
         out = self.inner(prompts, params, n=n, seed=seed, row_ids=row_ids, prefix=prefix)
         result = []

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from montessori_jax import answer_formats as af
-from montessori_jax import eval as ev
+from montessori_jax.stages import answer_formats as af
+from montessori_jax.stages import eval as ev
 from montessori_jax.config import Config, load_config
 from montessori_jax.errors import UserError
 
@@ -49,8 +49,9 @@ def test_bad_question_file_names_the_line(tmp_path):
 def test_answer_files_formats_turns_keys_and_resume(tiny_checkpoint, tmp_path):
     from alpaca_eval.utils import get_generator_name, load_or_convert_to_dataframe
 
-    from montessori_jax import text
-    from montessori_jax.sampling import SamplingParams, generate_jsonl
+    from montessori_jax.core import text
+    from montessori_jax.kernels.sampler import SamplingParams
+    from montessori_jax.stages.generate import generate_jsonl
 
     folder, _ = tiny_checkpoint
     out = tmp_path / "out"

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from montessori_jax import dpo, optim, sharding, sft, text, weights
-from montessori_jax import model as M
+from montessori_jax.kernels import dpo as dpo_lib
+from montessori_jax.stages import dpo, sft
+from montessori_jax.core import optim, sharding, text, weights
+from montessori_jax.core import model as M
 from montessori_jax.config import DPOOptimConfig
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
@@ -34,7 +36,7 @@ def _pairs(n, seed=0, vocab=96):
             answer = rng.randint(2, vocab, rng.randint(2, 16))
             tokens = np.concatenate([prompt, answer]).astype(np.int32)
             rows.append(text.Example(tokens, np.arange(len(tokens)) >= len(prompt)))
-        out.append(dpo.PairExample(*rows))
+        out.append(dpo_lib.PairExample(*rows))
     return out
 
 
@@ -53,9 +55,9 @@ def steps():
     (a train step takes ~10 s to compile on a busy 2-core machine)."""
     graphdef, _ = M.split_params(M.create(CFG))
     tx = _tx()
-    return {"graphdef": graphdef, "tx": tx, "cached": dpo.make_train_step(graphdef, tx, 0.1),
-            "live": dpo.make_train_step(graphdef, tx, 0.1, live_reference=True),
-            "logps": dpo.make_logps_fn(graphdef)}
+    return {"graphdef": graphdef, "tx": tx, "cached": dpo_lib.make_train_step(graphdef, tx, 0.1),
+            "live": dpo_lib.make_train_step(graphdef, tx, 0.1, live_reference=True),
+            "logps": dpo_lib.make_logps_fn(graphdef)}
 
 
 # --- the loss ---------------------------------------------------------------------------------
@@ -69,12 +71,12 @@ def test_loss_against_hand_computed_values(beta):
     margins = [1.5, -3.0, 2.0, 0.0]
     expected = [-math.log(1.0 / (1.0 + math.exp(-beta * m))) for m in margins]
     assert expected[3] == pytest.approx(LOG2) and expected[1] > LOG2 > expected[0]
-    (s, c), (rw_c, rw_r) = dpo.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta)
+    (s, c), (rw_c, rw_r) = dpo_lib.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta)
     assert float(c) == 4 and float(s) == pytest.approx(sum(expected), rel=1e-6)
     np.testing.assert_allclose(rw_c, beta * (pc - rc), rtol=1e-6)
     np.testing.assert_allclose(rw_r, beta * (pr - rr), rtol=1e-6)
     mask = jnp.asarray([1.0, 1.0, 0.0, 1.0])
-    (s, c), _ = dpo.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta, mask)
+    (s, c), _ = dpo_lib.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta, mask)
     assert float(c) == 3 and float(s) == pytest.approx(expected[0] + expected[1] + expected[3], rel=1e-6)
 
 
@@ -121,9 +123,9 @@ def test_sequence_logps_equal_transformers(tiny_checkpoint, max_prompt_len, max_
     graphdef, params = M.split_params(weights.load_model(folder))
     items = [("the cat sat on the mat", "a dog ran in the park", "the sun"),
              ("a dog ran", "the sun is warm today and the cat sat", "mat mat mat")]
-    pairs = [dpo.encode_pair(tok, p, c, r, max_prompt_len=max_prompt_len, max_len=max_len) for p, c, r in items]
-    batch = dpo.make_batch(pairs, [0, 1], 2, 2, tok.pad_token_id)
-    ours = np.asarray(dpo.policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
+    pairs = [dpo_lib.encode_pair(tok, p, c, r, max_prompt_len=max_prompt_len, max_len=max_len) for p, c, r in items]
+    batch = dpo_lib.make_batch(pairs, [0, 1], 2, 2, tok.pad_token_id)
+    ours = np.asarray(dpo_lib.policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
     counts = batch["loss_mask"][0].sum(-1)
     for i, (prompt, chosen, rejected) in enumerate(items):
         want = _torch_pair_logps(tm, tok, prompt, (chosen, rejected), max_prompt_len, max_len)
@@ -138,7 +140,7 @@ def test_long_answer_is_cut_to_max_len(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     tok = text.load_tokenizer(folder)
     long = " ".join(["the cat sat on the mat"] * 20)
-    p = dpo.encode_pair(tok, "a dog", long, "the sun", max_prompt_len=8, max_len=24)
+    p = dpo_lib.encode_pair(tok, "a dog", long, "the sun", max_prompt_len=8, max_len=24)
     assert p.truncated and len(p.chosen) == 24 and p.chosen.loss_mask[-1]
     assert len(p.rejected) < 24 and not p.rejected.loss_mask[:len(p.rejected) - 3].all()
 
@@ -172,7 +174,7 @@ def _ids(tok, *words):
 
 def test_truncation_pair_that_fits_is_kept_whole(word_tok):
     # prompt 10 words: 13 tokens; answers 4 and 6 words: 5 and 7; 13 + 7 = 20, not over 20
-    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=20)
+    p = dpo_lib.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=20)
     prompt = _ids(word_tok, "<|user|>", *_words(0, 10).split(), "</s>", "<|assistant|>")
     assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
     assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 26).split(), "</s>")
@@ -185,7 +187,7 @@ def test_truncation_pair_that_fits_is_kept_whole(word_tok):
 def test_truncation_prompt_keeps_its_end_when_the_row_is_too_long(word_tok):
     # the same pair with max_len 19: 13 + 7 > 19, so the prompt keeps its last 8 tokens
     # (w4..w9, </s>, <|assistant|>); 8 + 7 = 15 fits, so both answers stay whole
-    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=19)
+    p = dpo_lib.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 26), max_prompt_len=8, max_len=19)
     prompt = _ids(word_tok, *_words(4, 10).split(), "</s>", "<|assistant|>")
     assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
     assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 26).split(), "</s>")
@@ -198,7 +200,7 @@ def test_truncation_prompt_keeps_its_end_when_the_row_is_too_long(word_tok):
 def test_truncation_prompt_and_answers_cut(word_tok):
     # prompt 13 tokens, answers 5 and 13; max_len 16: 13 + 13 > 16, the prompt keeps 8; 8 + 13 > 16,
     # so each answer keeps its first 16 - 8 = 8 tokens: the short one whole, the long one without </s>
-    p = dpo.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
+    p = dpo_lib.encode_pair(word_tok, _words(0, 10), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
     prompt = _ids(word_tok, *_words(4, 10).split(), "</s>", "<|assistant|>")
     assert p.chosen.tokens.tolist() == prompt + _ids(word_tok, *_words(10, 14).split(), "</s>")
     assert p.rejected.tokens.tolist() == prompt + _ids(word_tok, *_words(20, 28).split())
@@ -207,7 +209,7 @@ def test_truncation_prompt_and_answers_cut(word_tok):
     assert p.prompt_truncated and p.answers_truncated
     # a prompt of 4 words (7 tokens, under max_prompt_len) is not cut, yet 7 + 13 > 16: the answers
     # still keep only 16 - 8 = 8 tokens, and the row is 15 long, as TRL leaves it
-    p = dpo.encode_pair(word_tok, _words(0, 4), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
+    p = dpo_lib.encode_pair(word_tok, _words(0, 4), _words(10, 14), _words(20, 32), max_prompt_len=8, max_len=16)
     assert p.rejected.tokens.tolist() == _ids(word_tok, "<|user|>", *_words(0, 4).split(), "</s>", "<|assistant|>",
                                               *_words(20, 28).split())
     assert len(p.chosen) == 12 and len(p.rejected) == 15
@@ -226,7 +228,7 @@ def test_cached_reference_equals_live_reference(steps, tmp_path):
     np.testing.assert_array_equal(ref[0], again[0])
     np.testing.assert_array_equal(ref[1], again[1])
     tx = steps["tx"]
-    batch = dpo.make_batch(pairs, [0, 2, 4, 5], 4, 4, 0, ref)
+    batch = dpo_lib.make_batch(pairs, [0, 2, 4, 5], 4, 4, 0, ref)
     s_cached, m_cached = steps["cached"](sft.init_state(_copy(policy), tx), batch)
     s_live, m_live = steps["live"](sft.init_state(_copy(policy), tx), batch, ref_params)
     assert abs(float(m_cached["loss"]) - LOG2) > 1e-3  # policy != reference
@@ -239,9 +241,9 @@ def test_cached_reference_equals_live_reference(steps, tmp_path):
 def test_one_step_raises_the_margin(steps):
     _, params = M.split_params(M.create(CFG, seed=2))
     pairs = _pairs(4, seed=3)
-    batch = dpo.make_batch(pairs, range(4), 4, 4, 0)
+    batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0)
     lp = np.asarray(steps["logps"](params, batch))
-    batch = dpo.make_batch(pairs, range(4), 4, 4, 0, (lp[:4], lp[4:]))
+    batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, (lp[:4], lp[4:]))
     state, m = steps["cached"](sft.init_state(_copy(params), steps["tx"]), batch)  # lr 1e-3
     # policy = reference: every reward is 0, the loss log 2, no pair yet ranked right
     assert float(m["loss"]) == pytest.approx(LOG2, abs=1e-6)
@@ -260,8 +262,8 @@ def test_accumulation_equals_one_big_batch(steps):
     ref = (np.asarray([-30.0, -40.0, -35.0, -20.0], np.float32), np.asarray([-31.0, -38.0, -36.0, -22.0], np.float32))
     tx, step = steps["tx"], steps["cached"]
     # 3 real pairs: the last micro-batch is half padding, which must not count
-    s1, m1 = step(sft.init_state(_copy(params), tx), dpo.make_batch(pairs, [0, 1, 2], 4, 4, 0, ref))
-    s2, m2 = step(sft.init_state(_copy(params), tx), dpo.make_batch(pairs, [0, 1, 2], 4, 2, 0, ref))
+    s1, m1 = step(sft.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 4, 0, ref))
+    s2, m2 = step(sft.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 2, 0, ref))
     assert float(m1["pairs"]) == float(m2["pairs"]) == 3
     for k in m1:
         assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6), k
@@ -277,7 +279,7 @@ def test_sharded_equals_unsharded(steps, tmp_path):
     pairs = _pairs(4, seed=8)
     ref = _ref(steps["logps"], ref_params, pairs, tmp_path)
     tx, step = steps["tx"], steps["cached"]
-    batch = dpo.make_batch(pairs, range(4), 4, 4, 0, ref)
+    batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, ref)
     s_one, m_one = step(sft.init_state(_copy(params), tx), batch)
 
     mesh = sharding.mesh_from_config(2, 2, 2)
@@ -309,38 +311,38 @@ def test_sharded_equals_unsharded(steps, tmp_path):
 
 
 def test_split_pairs_rule():
-    assert dpo.split_pairs(6, 0.0, 0) == (list(range(6)), [])
-    assert dpo.split_pairs(1, 0.5, 0) == ([0], [])  # nothing left to train on otherwise
+    assert dpo_lib.split_pairs(6, 0.0, 0) == (list(range(6)), [])
+    assert dpo_lib.split_pairs(1, 0.5, 0) == ([0], [])  # nothing left to train on otherwise
     # n_eval = round(fraction * n), at least 1, at most n - 1
     for n, fraction, n_eval in [(2, 0.25, 1), (4, 0.25, 1), (6, 0.25, 2), (6, 0.34, 2), (8, 0.25, 2),
                                 (4, 0.9, 3), (3, 0.1, 1)]:
-        train, held = dpo.split_pairs(n, fraction, seed=0)
+        train, held = dpo_lib.split_pairs(n, fraction, seed=0)
         assert len(held) == n_eval, (n, fraction)
         assert sorted(train + held) == list(range(n)) and train == sorted(train) and held == sorted(held)
-    assert dpo.split_pairs(10, 0.3, 5) == dpo.split_pairs(10, 0.3, 5)  # by seed
-    assert dpo.split_pairs(10, 0.3, 5)[1] != dpo.split_pairs(10, 0.3, 6)[1]
+    assert dpo_lib.split_pairs(10, 0.3, 5) == dpo_lib.split_pairs(10, 0.3, 5)  # by seed
+    assert dpo_lib.split_pairs(10, 0.3, 5)[1] != dpo_lib.split_pairs(10, 0.3, 6)[1]
 
 
 def test_heldout_eval_at_the_reference_then_after_training(steps, tmp_path):
     _, params = M.split_params(M.create(CFG, seed=11))
     pairs = _pairs(4, seed=12)
     ref = _ref(steps["logps"], params, pairs, tmp_path)  # as the stage: the cache, 4 pairs a forward
-    eval_fn = dpo.make_eval_fn(steps["graphdef"], 0.1)
+    eval_fn = dpo_lib.make_eval_fn(steps["graphdef"], 0.1)
     held = [pairs[1]]
     held_ref = (ref[0][[1]], ref[1][[1]])
     # policy = reference: every reward 0, so the loss is log 2, the margin 0 and no pair ranked right
     for batch_pairs, micro in ((2, 1), (4, 4)):
         for ps, r in ((held, held_ref), (pairs, ref)):
-            before = dpo.evaluate_pairs(eval_fn, params, ps, r, batch_pairs, micro, 0)
+            before = dpo_lib.evaluate_pairs(eval_fn, params, ps, r, batch_pairs, micro, 0)
             assert before["loss"] == pytest.approx(LOG2, abs=1e-6)
             assert before["margin"] == 0.0 and before["reward_accuracy"] == 0.0
     # train on all four (the held-out pair among them) at lr 1e-3: its margin rises
     state = sft.init_state(_copy(params), steps["tx"])
-    batch = dpo.make_batch(pairs, range(4), 4, 4, 0, ref)
+    batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, ref)
     for _ in range(3):
         state, _ = steps["cached"](state, batch)
-    after = dpo.evaluate_pairs(eval_fn, state["params"], held, held_ref, 2, 1, 0)
-    lp = np.asarray(steps["logps"](state["params"], dpo.make_batch(held, [0], 1, 1, 0)), np.float64)
+    after = dpo_lib.evaluate_pairs(eval_fn, state["params"], held, held_ref, 2, 1, 0)
+    lp = np.asarray(steps["logps"](state["params"], dpo_lib.make_batch(held, [0], 1, 1, 0)), np.float64)
     want = 0.1 * ((lp[0] - held_ref[0][0]) - (lp[1] - held_ref[1][0]))
     assert after["margin"] == pytest.approx(want, rel=1e-4) and after["margin"] > 0.01
     assert after["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-want))), rel=1e-4)
@@ -407,7 +409,7 @@ def _args(folder, pairs_dir, out, *extra):
 
 
 def _final_params(out):
-    from montessori_jax.checkpoint import Checkpoints
+    from montessori_jax.core.checkpoint import Checkpoints
 
     ck = Checkpoints(os.path.join(out, "checkpoints"))
     step = ck.latest_step()
@@ -445,7 +447,7 @@ def test_stage_outputs_reuse_and_resume(tiny_checkpoint, pairs_file, tmp_path, c
 
     # a crash after the checkpoint at step 3 (step 4 was logged); the rerun continues from step 3
     cut = tmp_path / "cut"
-    real, calls = dpo.make_batch, []
+    real, calls = dpo_lib.make_batch, []
 
     def crash_on_sixth(*a, **kw):
         calls.append(1)
@@ -453,10 +455,10 @@ def test_stage_outputs_reuse_and_resume(tiny_checkpoint, pairs_file, tmp_path, c
             raise RuntimeError("simulated kill")
         return real(*a, **kw)
 
-    monkeypatch.setattr(dpo, "make_batch", crash_on_sixth)
+    monkeypatch.setattr(dpo_lib, "make_batch", crash_on_sixth)
     with pytest.raises(RuntimeError, match="simulated kill"):
         main(_args(folder, pairs_file, cut))
-    monkeypatch.setattr(dpo, "make_batch", real)
+    monkeypatch.setattr(dpo_lib, "make_batch", real)
     assert [json.loads(line)["step"] for line in open(cut / "metrics.jsonl")] == [1, 2, 3, 4]
     assert main(_args(folder, pairs_file, cut)) == 0
     assert [json.loads(line)["step"] for line in open(cut / "metrics.jsonl")] == list(range(1, 7))
@@ -495,7 +497,7 @@ def test_stage_heldout_pairs_and_resume_settings(tiny_checkpoint, pairs_file, tm
     def no_eval(*a, **kw):
         raise AssertionError("held-out pairs evaluated again")
 
-    monkeypatch.setattr(dpo, "evaluate_pairs", no_eval)
+    monkeypatch.setattr(dpo_lib, "evaluate_pairs", no_eval)
     assert main(_args(folder, pairs_file, out, "dpo.eval_fraction=0.34")) == 0
     assert json.load(open(out / "summary.json"))["heldout"] == held
     capsys.readouterr()
@@ -519,7 +521,7 @@ def test_fingerprint_covers_pairs_weights_template_and_lengths(tiny_checkpoint, 
     dcfg = DPOConfig(max_prompt_len=16, max_len=48)
 
     def fp(pairs_path=str(pairs_file / "pairs.jsonl"), model=folder, dtype="float32", tok_=tok, cfg=dcfg):
-        enc = [dpo.encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], cfg.system, cfg.max_prompt_len,
+        enc = [dpo_lib.encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], cfg.system, cfg.max_prompt_len,
                                cfg.max_len) for r in rows]
         return dpo.reference_fingerprint(pairs_path, model, "float32", dtype, tok_, cfg, enc)["fingerprint"]
 

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from montessori_jax import eval as ev
-from montessori_jax import text
+from montessori_jax.stages import data as data_lib
+from montessori_jax.stages import eval as ev
+from montessori_jax.core import text
 from montessori_jax.cli import main
 from montessori_jax.config import Config, load_config
 from montessori_jax.errors import UserError
-from montessori_jax.pairs import load_pairs
-from montessori_jax.synthesis.seeds import load_seed_pool, packaged_data_path
+from montessori_jax.stages.pairs import load_pairs
+from montessori_jax.files import PACKAGED_REFERENCE, PACKAGED_SEED_POOL
+from montessori_jax.stages.synthesis.seeds import load_seed_pool
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -136,7 +138,7 @@ def test_answers_structure_resume_and_cache(tiny_checkpoint, tmp_path, monkeypat
     assert sorted(resumed, key=lambda r: json.dumps(r["id"])) == sorted(full, key=lambda r: json.dumps(r["id"]))
 
     # everything done: the model is not even loaded
-    from montessori_jax import weights
+    from montessori_jax.core import weights
 
     monkeypatch.setattr(weights, "load_model", no_rescore)
     again = ev.run_eval(cfg, str(out), progress=False)
@@ -169,8 +171,8 @@ def _line_of(path, instruction):
     raise AssertionError(instruction)
 
 
-REF = packaged_data_path("reference.jsonl")
-POOL = packaged_data_path("seed_pool.jsonl")
+REF = PACKAGED_REFERENCE
+POOL = PACKAGED_SEED_POOL
 OVERLAPPING = [
     {"instruction": "the cat sat", "response": "on the mat"},
     {"instruction": "  what is THE capital of\n australia? ", "response": "Canberra."},  # D_ref, other case/spaces
@@ -184,9 +186,9 @@ def test_overlap_warns_and_records_rows(tiny_checkpoint, tmp_path):
     data = _write(tmp_path / "eval.jsonl", OVERLAPPING)
     ref_line = _line_of(REF, "What is the capital of Australia?")
     pool_line = _line_of(POOL, "Translate the following sentence into Spanish.")
-    with pytest.warns(ev.EvalOverlapWarning) as record:
+    with pytest.warns(data_lib.EvalOverlapWarning) as record:
         s = ev.run_eval(_cfg(folder, data, "eval.answers=false"), str(tmp_path / "out"), progress=False)
-    messages = [str(w.message) for w in record if issubclass(w.category, ev.EvalOverlapWarning)]
+    messages = [str(w.message) for w in record if issubclass(w.category, data_lib.EvalOverlapWarning)]
     assert len(messages) == 2
     assert messages[0].startswith(f"{data}: 1 row repeats an instruction of the reference set D_ref {REF}")
     assert messages[0].endswith(f"line 2 (= line {ref_line})")
@@ -225,26 +227,26 @@ def test_overlap_error_names_files_and_lines_and_writes_nothing(tiny_checkpoint,
 
 
 def test_find_overlaps_normalizes_case_and_whitespace():
-    got = ev.find_overlaps([("a, line 1", "Hello\tWorld "), ("a, line 2", "hello worlds")],
+    got = data_lib.find_overlaps([("a, line 1", "Hello\tWorld "), ("a, line 2", "hello worlds")],
                            [("b, line 7", "hello world"), ("b, line 9", "HELLO  WORLD")])
     assert got == [{"where": "a, line 1", "instruction": "Hello\tWorld ", "matches": ["b, line 7", "b, line 9"]}]
 
 
 def test_packaged_eval_set_is_held_out():
-    pairs = load_pairs(ev.PACKAGED_EVAL)
+    pairs = load_pairs(data_lib.PACKAGED_EVAL)
     assert 40 <= len(pairs) <= 60
     assert all(p.prompt.strip() and p.response.strip() for p in pairs)
     ref_fields = {k for line in open(REF) for k in json.loads(line)}
     assert {k for p in pairs for k in p.row} == ref_fields == {"instruction", "response"}
     texts = [(p.where, p.prompt) for p in pairs]
-    assert len({ev.normalize_instruction(t) for _, t in texts}) == len(pairs)  # no repeats within
-    assert ev.find_overlaps(texts, [(p.where, ev.prompt_text(p.prompt)) for p in load_pairs(REF)]) == []
-    assert ev.find_overlaps(texts, [(t.where, t.text) for t in load_seed_pool("default")]) == []
+    assert len({data_lib.normalize_instruction(t) for _, t in texts}) == len(pairs)  # no repeats within
+    assert data_lib.find_overlaps(texts, [(p.where, data_lib.prompt_text(p.prompt)) for p in load_pairs(REF)]) == []
+    assert data_lib.find_overlaps(texts, [(t.where, t.text) for t in load_seed_pool("default")]) == []
     # shipped in the wheel: package-data covers the file
     pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
     globs = pyproject["tool"]["setuptools"]["package-data"]["montessori_jax"]
-    assert any(fnmatch.fnmatch("data/eval.jsonl", g) for g in globs)
-    assert ev.resolve_data("default") == ev.PACKAGED_EVAL
+    assert any(fnmatch.fnmatch("assets/eval.jsonl", g) for g in globs)
+    assert data_lib.resolve_data("default") == data_lib.PACKAGED_EVAL
 
 
 def test_table_and_plot_across_arms_and_iterations(tmp_path):
@@ -275,7 +277,7 @@ def test_cli_eval_prints_table_and_bad_input_exits_2(tiny_checkpoint, tmp_path, 
     data = _write(tmp_path / "eval.jsonl", ROWS[:2] + [OVERLAPPING[1]])
     out = str(tmp_path / "out")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ev.EvalOverlapWarning)  # the CLI prints it instead of warning
+        warnings.simplefilter("error", data_lib.EvalOverlapWarning)  # the CLI prints it instead of warning
         assert main(["eval", "--out", out, "--model", f"tiny={folder}", f"eval.data={data}",
                      "eval.max_new_tokens=4"]) == 0
     cap = capsys.readouterr()

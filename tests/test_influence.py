@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from conftest import tiny_torch_llama
-from montessori_jax import influence as inf
-from montessori_jax import model as M
-from montessori_jax import optim, sft, text, weights
+from montessori_jax.core import batching
+from montessori_jax.kernels import influence as inf
+from montessori_jax.kernels import influence_memory
+from montessori_jax.stages import stats
+from montessori_jax.core import model as M
+from montessori_jax.core import optim, text, weights
+from montessori_jax.stages import sft
 from montessori_jax.config import OptimConfig
 
 
@@ -34,8 +38,8 @@ def _warm(graphdef, params, ocfg, steps=3, vocab=96, seed=10):
     step = sft.make_train_step(graphdef, tx)
     state = sft.init_state(jax.tree.map(jnp.array, params), tx)
     for s in range(steps):
-        rows = sft.rows_from_examples(_examples(4, seed + s, vocab))
-        state, _ = step(state, sft.global_batch(rows, [0, 1, 2, 3], 4, 4, (32,), 0))
+        rows = batching.rows_from_examples(_examples(4, seed + s, vocab))
+        state, _ = step(state, batching.global_batch(rows, [0, 1, 2, 3], 4, 4, (32,), 0))
     mu, nu, count = optim.adam_moments(state["opt_state"])
     return state, tx, mu, nu, count
 
@@ -71,7 +75,7 @@ def warm_unclipped(warm_tiny):
 
 
 def _probe_batch(examples, B):
-    out = list(text.batches(examples, B, pad_id=0))
+    out = list(batching.batches(examples, B, pad_id=0))
     return out
 
 
@@ -267,12 +271,12 @@ def test_plan_ref_grad_follows_the_memory_estimate(monkeypatch):
     cfg = M.LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                         tie_embeddings=True)
     # the estimate's calibration point: 1 row of 1024 tokens without remat, 7.8 GB measured
-    assert inf.ref_grad_bytes(cfg, 1, 1024, remat=False) == pytest.approx(8.1e9 + 2 * cfg.num_params() * 4, rel=0.05)
-    assert inf.ref_grad_bytes(cfg, 4, 1024, remat=True) < inf.ref_grad_bytes(cfg, 4, 1024, remat=False)
+    assert influence_memory.ref_grad_bytes(cfg, 1, 1024, remat=False) == pytest.approx(8.1e9 + 2 * cfg.num_params() * 4, rel=0.05)
+    assert influence_memory.ref_grad_bytes(cfg, 4, 1024, remat=True) < influence_memory.ref_grad_bytes(cfg, 4, 1024, remat=False)
 
     def plan(device_gb):
-        monkeypatch.setattr(inf, "device_memory_bytes", lambda: int(device_gb * 1e9))
-        p = inf.plan_ref_grad(cfg, 1024, 4, 0.5)
+        monkeypatch.setattr(influence_memory, "device_memory_bytes", lambda: int(device_gb * 1e9))
+        p = influence_memory.plan_ref_grad(cfg, 1024, 4, 0.5)
         assert p["estimated_bytes"] <= p["budget_bytes"] or (p["rows_per_chunk"], p["remat"]) == (4, True)
         return p["rows_per_chunk"], p["remat"]
 
@@ -283,15 +287,15 @@ def test_plan_ref_grad_follows_the_memory_estimate(monkeypatch):
 
 def test_agreement_report():
     exact = np.array([0.5, -0.2, 0.1, 0.3, -0.4, 0.0, 0.2, -0.1, 0.6, -0.3])
-    report = inf.agreement(exact, exact * 2)
+    report = stats.agreement(exact, exact * 2)
     assert report["spearman"] == pytest.approx(1.0) and report["sign_agreement"] == 1.0
-    flipped = inf.agreement(exact, -exact)
+    flipped = stats.agreement(exact, -exact)
     assert flipped["spearman"] == pytest.approx(-1.0) and flipped["top_10pct_overlap"] == 0.0
-    assert inf.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 40, 30])) == pytest.approx(0.8)
+    assert stats.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 40, 30])) == pytest.approx(0.8)
 
 
 def test_sharded_equals_unsharded(warm_tiny):
-    from montessori_jax import sharding
+    from montessori_jax.core import sharding
 
     w = warm_tiny
     ref = _exact_scores(w, 1e-4, B=2)

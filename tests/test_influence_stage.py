@@ -32,7 +32,7 @@ def _rows(n, seed):
 
 @pytest.fixture(scope="module")
 def warm(tiny_checkpoint, tmp_path_factory):
-    from montessori_jax.sft import run_sft
+    from montessori_jax.stages.sft import run_sft
 
     folder, _ = tiny_checkpoint
     d = tmp_path_factory.mktemp("inf_stage")
@@ -113,7 +113,7 @@ def test_resume_after_kill_gives_the_same_scores(warm):
 
 def test_missing_warm_state_is_named(tmp_path):
     cfg = load_config(Config, None, [f"influence.warm_state={tmp_path}", f"influence.probe={tmp_path}/p.jsonl"])
-    from montessori_jax.influence_stage import run_influence
+    from montessori_jax.stages.influence import run_influence
 
     with pytest.raises(UserError, match="warm_state.json: no warm state"):
         run_influence(cfg, str(tmp_path / "out"))
@@ -149,7 +149,7 @@ def test_rerun_with_other_settings_names_the_changed_keys(warm, capsys):
 
 
 def test_scores_without_settings_are_not_resumed(warm, tmp_path):
-    from montessori_jax.influence_stage import run_influence
+    from montessori_jax.stages.influence import run_influence
 
     d, warm_dir, probe, ref = warm
     (tmp_path / "scores.jsonl").write_text('{"id": "p1-0", "influence": 0.1}\n')

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from montessori_jax import judge
+from montessori_jax.stages import judge
 from montessori_jax.cli import main
 from montessori_jax.config import JudgeConfig
 from montessori_jax.errors import UserError

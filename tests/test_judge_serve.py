@@ -28,7 +28,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served_smollm2():
     try:
-        from montessori_jax import weights
+        from montessori_jax.core import weights
 
         weights.resolve_path("smollm2")
     except Exception as e:  # the embedded model is installed by the README's test command

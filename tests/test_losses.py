@@ -5,7 +5,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.losses import mean_token_nll, token_nll
+from montessori_jax.core.losses import mean_token_nll, token_nll
 
 
 def test_token_nll_hand_computed():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_torch_llama
-from montessori_jax import model as M
-from montessori_jax import weights
+from montessori_jax.core import model as M
+from montessori_jax.core import weights
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -105,7 +105,7 @@ def test_bf16_compute_is_close_to_fp32():
 def test_logical_axes_on_every_param():
     from flax import nnx
 
-    from montessori_jax.compat import logical_axes_of
+    from montessori_jax.core.compat import logical_axes_of
 
     cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
     state = nnx.state(M.abstract(cfg), nnx.Param)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from montessori_jax import eval as ev
-from montessori_jax import scoring, text
+from montessori_jax.stages import eval as ev
+from montessori_jax.stages import score as scoring
+from montessori_jax.core import text
 from montessori_jax.config import Config, load_config
 from montessori_jax.errors import UserError
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import get_wsd_schedule
 
-from montessori_jax import optim
+from montessori_jax.core import optim
 from montessori_jax.config import OptimConfig
 
 # (total steps, warmup, stable, decay ratios, min_lr_ratio): int(ratio * T) leaves steps over

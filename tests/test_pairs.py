@@ -5,7 +5,7 @@ import json
 import pytest
 
 from montessori_jax.errors import UserError
-from montessori_jax.pairs import load_pairs
+from montessori_jax.stages.pairs import load_pairs
 
 
 def _jsonl(path, rows):

@@ -7,7 +7,7 @@ import pytest
 
 from montessori_jax.cli import main
 from montessori_jax.errors import UserError
-from montessori_jax.preferences import make_pairs
+from montessori_jax.stages.preferences import make_pairs
 
 # prompt A: two help, two hurt, one exactly 0; B: only helpful; C: all exactly 0;
 # D: one harmful sample; E: ties in rank mode
@@ -115,7 +115,7 @@ def test_stage_writes_pairs_and_summary(tmp_path, capsys):
 
 def test_stage_errors_name_the_problem(tmp_path):
     from montessori_jax.config import Config, load_config
-    from montessori_jax.preferences import run_preferences
+    from montessori_jax.stages.preferences import run_preferences
 
     scores, probe = _stage_files(tmp_path)
     lines = open(scores).readlines()

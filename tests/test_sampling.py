@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from montessori_jax import model as M
-from montessori_jax import sampling as S
-from montessori_jax import text, weights
+from montessori_jax.core import model as M
+from montessori_jax.kernels import sampler as S
+from montessori_jax.stages import generate as G
+from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
 
 GREEDY32 = S.SamplingParams(temperature=0.0, max_new_tokens=32)
@@ -369,7 +370,7 @@ def test_generate_jsonl_and_resume(ckpt, tmp_path):
     inp = _write(tmp_path / "in.jsonl", rows)
     out = str(tmp_path / "out.jsonl")
     params = S.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, n=2, seed=3)
-    run = lambda: S.generate_jsonl(ckpt["model"], out, params, input_path=inp, batch_size=2,  # noqa: E731
+    run = lambda: G.generate_jsonl(ckpt["model"], out, params, input_path=inp, batch_size=2,  # noqa: E731
                                    tokenizer=ckpt["tokenizer"], sampler=ckpt["sampler"], progress=False)
     s = run()
     first = _read(out)
@@ -399,7 +400,7 @@ def test_generate_jsonl_single_prompt_from_path(tiny_checkpoint, tmp_path):
     folder, tm = tiny_checkpoint
     out = str(tmp_path / "one.jsonl")
     params = S.SamplingParams(temperature=0.0, max_new_tokens=5)
-    s = S.generate_jsonl(folder, out, params, prompt="the cat", chat_template=False, progress=False)
+    s = G.generate_jsonl(folder, out, params, prompt="the cat", chat_template=False, progress=False)
     (row,) = _read(out)
     assert row["id"] == 0 and row["sample"] == 0 and row["num_tokens"] <= 5
     assert s["compiled_programs"] == 2
@@ -417,18 +418,18 @@ def test_generate_jsonl_bad_input(tiny_checkpoint, tmp_path):
     params = S.SamplingParams(max_new_tokens=4)
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "ok"}, "{not json", {"prompt": "x"}])
     with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
-        S.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=bad, progress=False)
+        G.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=bad, progress=False)
     neither = _write(tmp_path / "neither.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(UserError, match=r"neither\.jsonl:2: a row needs 'prompt'"):
-        S.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=neither, progress=False)
+        G.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=neither, progress=False)
     chat = _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(UserError, match="need the chat template"):
-        S.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=chat, chat_template=False,
+        G.generate_jsonl(folder, str(tmp_path / "o.jsonl"), params, input_path=chat, chat_template=False,
                          progress=False)
     outp = tmp_path / "corrupt.jsonl"
     outp.write_text('{"id": 0, "sample": 0}\ngarbage\n{"id": 1, "sample": 0}\n')
     with pytest.raises(UserError, match=r"corrupt\.jsonl:2"):
-        S.generate_jsonl(folder, str(outp), params, prompt="hi", progress=False)
+        G.generate_jsonl(folder, str(outp), params, prompt="hi", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ def test_generate_jsonl_bad_input(tiny_checkpoint, tmp_path):
 
 
 def test_bench_generate_runs_side_by_side(tiny_checkpoint, tmp_path):
-    from montessori_jax import bench_generate as bg
+    from montessori_jax.bench import generate as bg
 
     folder, _ = tiny_checkpoint
     result = bg.bench_generate(folder, batch_sizes=(2,), max_new_tokens=8, repeats=1, progress=None)

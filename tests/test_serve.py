@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from montessori_jax import serve
+    from montessori_jax.stages import serve
 
     path, _ = tiny_checkpoint
     engine = serve.load_engine(path, name="tiny", batch_window_ms=20, max_batch=64)
@@ -93,7 +93,7 @@ def test_stop_string_cuts(server):
 def test_logprobs_match_the_model(server, tiny_checkpoint):
     import torch
 
-    from montessori_jax import text
+    from montessori_jax.core import text
 
     c = server["client"]
     r = _chat(c, "the sun", temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
@@ -165,7 +165,8 @@ def test_bad_requests_get_400(server):
 
 
 def test_load_64_concurrent_greedy_equals_generate(server, tmp_path):
-    from montessori_jax import sampling
+    from montessori_jax.kernels import sampler as sampling
+    from montessori_jax.stages.generate import generate_jsonl
 
     c, engine = server["client"], server["engine"]
     words = ["cat", "dog", "sun", "mat", "park", "warm", "ran", "sat"]
@@ -187,7 +188,7 @@ def test_load_64_concurrent_greedy_equals_generate(server, tmp_path):
     inp = tmp_path / "prompts.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     out = tmp_path / "gen.jsonl"
-    sampling.generate_jsonl(server["path"], str(out), sampling.SamplingParams(temperature=0, max_new_tokens=8),
+    generate_jsonl(server["path"], str(out), sampling.SamplingParams(temperature=0, max_new_tokens=8),
                             input_path=str(inp), batch_size=16, progress=False)
     want = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
     assert answers == [want[i] for i in range(64)]
@@ -195,8 +196,8 @@ def test_load_64_concurrent_greedy_equals_generate(server, tmp_path):
 
 def test_sampler_logprobs_off_by_default(tiny_checkpoint):
     """The default path computes no log-probs and keeps its program keys."""
-    from montessori_jax import text, weights
-    from montessori_jax.sampling import Sampler, SamplingParams
+    from montessori_jax.core import text, weights
+    from montessori_jax.kernels.sampler import Sampler, SamplingParams
 
     path, _ = tiny_checkpoint
     tok = text.load_tokenizer(path)
@@ -214,7 +215,7 @@ def test_synthesis_with_openai_backend_resumes(server, tmp_path):
     """`generation.backend: openai` against `montessori serve`: records with the effective
     settings; a rerun asks for nothing more; the same seed gives the same records."""
     from montessori_jax.config import BackendConfig, Config, GenerationConfig, SynthesisConfig
-    from montessori_jax.synthesis import run_synthesize
+    from montessori_jax.stages.synthesis import run_synthesize
 
     gen = GenerationConfig(temperature=1.0, top_p=0.9, presence_penalty=0.5, max_new_tokens=6)
     scfg = SynthesisConfig(num_instructions=None, max_prompts=2, prompts_per_round=1, samples_per_prompt=2,

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from conftest import tiny_torch_llama
-from montessori_jax import model as M
-from montessori_jax import optim, sharding, sft, text, weights
+from montessori_jax.core import batching
+from montessori_jax.core import model as M
+from montessori_jax.core import optim, sharding, text, weights
+from montessori_jax.stages import sft
 from montessori_jax.config import OptimConfig
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
@@ -34,8 +36,8 @@ def _examples(n, seed=0, vocab=96):
 
 
 def _batch(examples, micro, length=32):
-    rows = sft.rows_from_examples(examples)
-    return sft.global_batch(rows, list(range(len(rows))), len(rows), micro, (length,), pad_id=0)
+    rows = batching.rows_from_examples(examples)
+    return batching.global_batch(rows, list(range(len(rows))), len(rows), micro, (length,), pad_id=0)
 
 
 def _params(seed=0, cfg=CFG):
@@ -122,7 +124,7 @@ def test_token_mean_is_over_the_global_batch_not_a_mean_of_means():
     for e in ex:
         b = _batch([e], micro=1)
         logits = M.apply(graphdef, params, b["tokens"][0], b["positions"][0], b["segment_ids"][0])
-        from montessori_jax.losses import token_nll
+        from montessori_jax.core.losses import token_nll
 
         s, c = token_nll(logits, b["tokens"][0], b["loss_mask"][0])
         per_ex.append((float(s[0]), float(c[0])))
@@ -135,20 +137,20 @@ def test_token_mean_is_over_the_global_batch_not_a_mean_of_means():
 def test_packed_loss_equals_unpacked():
     graphdef, params = _params()
     ex = _examples(5, seed=3)
-    packed = sft.pack_examples(ex, max_len=64)
+    packed = batching.pack_examples(ex, max_len=64)
     assert len(packed) < len(ex)
     for r in packed:  # segments numbered 1..k in order within each row
         ids = np.unique(r.segment_ids)
         assert list(ids) == list(range(1, len(ids) + 1)) and np.all(np.diff(r.segment_ids) >= 0)
-    from montessori_jax.losses import mean_token_nll
+    from montessori_jax.core.losses import mean_token_nll
 
     def loss(rows, length):
-        b = sft.pad_rows(rows, len(rows), length, 0)
+        b = batching.pad_rows(rows, len(rows), length, 0)
         logits = M.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
         s, c = mean_token_nll(logits, b["tokens"], b["loss_mask"])
         return float(s) / float(c)
 
-    assert abs(loss(packed, 64) - loss(sft.rows_from_examples(ex), 32)) <= 1e-5
+    assert abs(loss(packed, 64) - loss(batching.rows_from_examples(ex), 32)) <= 1e-5
 
 
 def test_wsd_schedule_shape():
@@ -207,7 +209,7 @@ def _sft_cmd(folder, data, out, extra=()):
 
 
 def _final_params(out):
-    from montessori_jax.checkpoint import Checkpoints
+    from montessori_jax.core.checkpoint import Checkpoints
 
     meta = json.loads(open(os.path.join(out, "warm_state.json")).read())
     ck = Checkpoints(meta["checkpoint"])

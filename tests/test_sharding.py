@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from montessori_jax import model as M
-from montessori_jax import sharding as S
-from montessori_jax import weights
+from montessori_jax.core import model as M
+from montessori_jax.core import sharding as S
+from montessori_jax.core import weights
 from montessori_jax.errors import ConfigError
 
 CFG = M.LlamaConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=96)

@@ -8,7 +8,7 @@ import pytest
 
 from montessori_jax.errors import UserError
 from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
-from montessori_jax.synthesis import (
+from montessori_jax.stages.synthesis import (
     DROP_REASONS,
     Completion,
     GenerationConfig,
@@ -18,14 +18,14 @@ from montessori_jax.synthesis import (
     build_prompt,
     extract_instruction,
     load_seed_pool,
-    packaged_data_path,
     rouge_l,
     synthesize,
 )
-from montessori_jax.synthesis import records as records_lib
-from montessori_jax.synthesis.filters import normalize
-from montessori_jax.synthesis.prompts import DEFAULT_PREAMBLE
-from montessori_jax.synthesis.rouge import lcs_length, tokenize
+from montessori_jax.files import PACKAGED_REFERENCE
+from montessori_jax.stages.synthesis import records as records_lib
+from montessori_jax.stages.synthesis.filters import normalize
+from montessori_jax.stages.synthesis.prompts import DEFAULT_PREAMBLE
+from montessori_jax.stages.synthesis.rouge import lcs_length, tokenize
 
 SELF_INSTRUCT = shared_data_path("self_instruct_seed_tasks.jsonl")
 REFERENCE = shared_data_path("reference_alpaca_eval_gpt4_1106.jsonl")
@@ -123,7 +123,7 @@ def test_packaged_pool_and_reference_set():
     seeds = load_seed_pool()
     assert 45 <= len(seeds) <= 60
     assert len({t.text for t in seeds}) == len(seeds)
-    ref = [json.loads(line) for line in open(packaged_data_path("reference.jsonl"), encoding="utf-8")]
+    ref = [json.loads(line) for line in open(PACKAGED_REFERENCE, encoding="utf-8")]
     assert len(ref) == 64
     assert all(isinstance(r["instruction"], str) and isinstance(r["response"], str) and r["response"] for r in ref)
     # written for the package: no task shared between the seed pool and the reference set
@@ -137,7 +137,7 @@ def test_packaged_pool_and_reference_set():
 @needs_shared_data
 def test_packaged_data_takes_nothing_from_the_shared_data():
     packaged = {t.instruction for t in load_seed_pool()}
-    packaged |= {json.loads(line)["instruction"] for line in open(packaged_data_path("reference.jsonl"), encoding="utf-8")}
+    packaged |= {json.loads(line)["instruction"] for line in open(PACKAGED_REFERENCE, encoding="utf-8")}
     shared = {json.loads(line)["instruction"] for path in (SELF_INSTRUCT, REFERENCE) for line in open(path)}
     assert len(shared) > 400 and not packaged & shared
 
@@ -499,7 +499,7 @@ def test_split_bounds(splits, bounds):
 
 
 def test_split_order_puts_pairable_prompts_in_probe():
-    from montessori_jax.synthesis.stage import split_order
+    from montessori_jax.stages.synthesis.stage import split_order
 
     recs = [{"seed_prompt": p, "i": i} for i, p in enumerate("abbcddde")]
     order = [r["i"] for r in split_order(recs, {"warmup": 3, "probe": 5}, 2)]
@@ -582,7 +582,7 @@ _KILLED_RUN = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_synthesis import FakeTeacher, _cfg
-from montessori_jax.synthesis import synthesize
+from montessori_jax.stages.synthesis import synthesize
 
 class Slow(FakeTeacher):
     def __call__(self, *args, **kw):
@@ -675,7 +675,7 @@ def tiny_teacher(tmp_path_factory):
     """A random tiny Llama (context 1024) and its tokenizer, through the real sampler."""
     from conftest import make_tiny_tokenizer, tiny_torch_llama
 
-    from montessori_jax.synthesis import TeacherGenerator
+    from montessori_jax.stages.synthesis import TeacherGenerator
 
     folder = tmp_path_factory.mktemp("tiny_teacher")
     tok = make_tiny_tokenizer(folder)
@@ -910,9 +910,9 @@ def test_prompt_file_gives_the_preamble(tmp_path):
 
 
 def test_teacher_generator_loads_the_teachers_chat_template(tmp_path, tiny_teacher):
-    from montessori_jax import text
+    from montessori_jax.core import text
     from montessori_jax.config import ModelConfig
-    from montessori_jax.synthesis import TeacherGenerator
+    from montessori_jax.stages.synthesis import TeacherGenerator
 
     folder, _ = tiny_teacher
     path = tmp_path / "t.jinja"

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from montessori_jax import compare, teacher_shift
+from montessori_jax.stages import compare, teacher_shift
 from montessori_jax.cli import main
 from montessori_jax.errors import UserError
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_tokenizer
-from montessori_jax import text
+from montessori_jax.core import batching
+from montessori_jax.core import text
 from montessori_jax.errors import UserError
 
 
@@ -106,16 +107,16 @@ def test_load_errors_name_the_path(tmp_path):
 
 
 def test_bucket_length():
-    assert text.bucket_length(1) == 64
-    assert text.bucket_length(64) == 64
-    assert text.bucket_length(65) == 128
-    assert text.bucket_length(8192) == 8192
-    assert text.bucket_length(8193) == 16384
-    assert text.bucket_length(10, (16, 8)) == 16
+    assert batching.bucket_length(1) == 64
+    assert batching.bucket_length(64) == 64
+    assert batching.bucket_length(65) == 128
+    assert batching.bucket_length(8192) == 8192
+    assert batching.bucket_length(8193) == 16384
+    assert batching.bucket_length(10, (16, 8)) == 16
 
 
 def test_pad_batch_right():
-    out = text.pad_batch(
+    out = batching.pad_batch(
         [np.array([5, 6, 7]), np.array([8])],
         [np.array([False, True, True]), np.array([False])],
         length=4,
@@ -130,7 +131,7 @@ def test_pad_batch_right():
 
 
 def test_pad_batch_left_default_mask():
-    out = text.pad_batch([np.array([5, 6, 7]), np.array([8, 9])], None, 5, pad_id=2, side="left")
+    out = batching.pad_batch([np.array([5, 6, 7]), np.array([8, 9])], None, 5, pad_id=2, side="left")
     np.testing.assert_array_equal(out["tokens"], [[2, 2, 5, 6, 7], [2, 2, 2, 8, 9]])
     np.testing.assert_array_equal(out["segment_ids"], [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
     np.testing.assert_array_equal(out["positions"], [[0, 0, 0, 1, 2], [0, 0, 0, 0, 1]])
@@ -143,14 +144,14 @@ def test_batches_bucket_and_cover():
     examples = [
         text.Example(rng.integers(3, 50, n).astype(np.int32), np.arange(n) > 0) for n in lengths
     ]
-    out = list(text.batches(examples, batch_size=4, pad_id=0, shuffle_seed=1))
+    out = list(batching.batches(examples, batch_size=4, pad_id=0, shuffle_seed=1))
     seen = sorted(i for idx, _ in out for i in idx)
     assert seen == list(range(len(examples)))
     shapes = {b["tokens"].shape for _, b in out}
     assert shapes <= {(4, 64), (4, 128), (4, 256)} and len(out) == 3
     for idx, b in out:
         T = b["tokens"].shape[1]
-        assert T == text.bucket_length(max(lengths[i] for i in idx))
+        assert T == batching.bucket_length(max(lengths[i] for i in idx))
         for row, i in enumerate(idx):
             np.testing.assert_array_equal(b["tokens"][row, : lengths[i]], examples[i].tokens)
             np.testing.assert_array_equal(b["loss_mask"][row, : lengths[i]], examples[i].loss_mask)
@@ -158,9 +159,9 @@ def test_batches_bucket_and_cover():
         assert not b["loss_mask"][len(idx) :].any()
     assert sum(len(idx) for idx, _ in out) == 10  # last batch has 2 real rows + 2 filler
     # Same seed, same order; sorting groups similar lengths.
-    again = [idx for idx, _ in text.batches(examples, 4, shuffle_seed=1)]
+    again = [idx for idx, _ in batching.batches(examples, 4, shuffle_seed=1)]
     assert again == [idx for idx, _ in out]
-    plain = [idx for idx, _ in text.batches(examples, 4)]
+    plain = [idx for idx, _ in batching.batches(examples, 4)]
     assert plain == [[9, 0, 5, 7], [2, 8, 4, 1], [6, 3]]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_torch_llama
-from montessori_jax import text, weights
+from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
 
 

@@ -1,0 +1,326 @@
+"""One Llama-family decoder in Flax NNX, for teacher and student alike.
+
+Covers Llama 2/3, TinyLlama and SmolLM2: token embedding, RMSNorm, RoPE (with the Llama 3.1
+``llama3`` frequency scaling), grouped-query attention, SwiGLU MLP, tied or untied head.
+
+Decoder layers are stacked on a leading ``layers`` axis and run with ``lax.scan`` (optionally
+rematerialised), so compile time does not grow with depth. Every parameter carries logical
+axis names (see ``sharding.py`` for how they map onto a mesh).
+
+Dimension letters used in names:
+  B batch, T query length, S key length, D d_model, F ffn, V vocab,
+  H query heads, K kv heads, G query heads per kv head, E head_dim, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from montessori_jax.core.compat import make_param
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 ``rope_type: llama3`` frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama-family decoder (no tokens, files or training here)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None  # default d_model // n_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits are fp32
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self) -> int:
+        d, f, e = self.d_model, self.ffn_dim, self.hd
+        per_layer = d * e * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies of the rotary embedding, shape [E/2], fp32."""
+    e = cfg.hd
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    blend = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - blend) * inv_freq / s.factor + blend * inv_freq
+    out = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(medium, blended, out)
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate halves (the HF Llama convention): x*cos + rotate_half(x)*sin, in fp32."""
+    angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BTE2)[:, :, None, :]
+    sin = jnp.sin(angles_BTE2)[:, :, None, :]
+    x = x_BTNE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNE.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * x32).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """A fixed-size KV cache: k, v [L, B, S, K, E]; ``valid`` [B, S] marks written real tokens."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, max_len), jnp.bool_),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+
+
+class Llama(nnx.Module):
+    """Llama decoder. ``__call__`` is the only forward; it is pure given the params."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, e, h, k, n = cfg.d_model, cfg.ffn_dim, cfg.hd, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers
+        pdt = DTYPES[cfg.param_dtype]
+        normal = jax.nn.initializers.normal
+
+        def param(shape, axes, init, fan_in=None):
+            key = rngs.params()
+            std = 0.02 if fan_in is None else 1.0 / math.sqrt(fan_in)
+            value = jnp.ones(shape, pdt) if init == "ones" else normal(std)(key, shape, pdt)
+            return make_param(value, axes)
+
+        self.embed = param((cfg.vocab_size, d), ("vocab", "embed"), "normal")
+        self.attn_norm = param((n, d), ("layers", "norm"), "ones")
+        self.wq = param((n, d, h, e), ("layers", "embed", "heads", "head_dim"), "normal", d)
+        self.wk = param((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), "normal", d)
+        self.wv = param((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), "normal", d)
+        self.wo = param((n, h, e, d), ("layers", "heads", "head_dim", "embed"), "normal", h * e)
+        self.mlp_norm = param((n, d), ("layers", "norm"), "ones")
+        self.w_gate = param((n, d, f), ("layers", "embed", "mlp"), "normal", d)
+        self.w_up = param((n, d, f), ("layers", "embed", "mlp"), "normal", d)
+        self.w_down = param((n, f, d), ("layers", "mlp", "embed"), "normal", f)
+        self.final_norm = param((d,), ("norm",), "ones")
+        if not cfg.tie_embeddings:
+            self.lm_head = param((d, cfg.vocab_size), ("embed", "vocab"), "normal", d)
+
+    # The per-layer weights, stacked on axis 0, as a dict the scan walks over.
+    LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        return_hidden: bool = False,
+    ):
+        """Logits [B, T, V] in fp32 (or final hidden states with ``return_hidden``).
+
+        positions_BT: the RoPE position of each token (explicit, so left padding and packing
+            work). segment_ids_BT: 0 marks padding; attention stays within equal ids. Default:
+            all ones (no padding).
+        cache / cache_index: decode mode. The T new tokens are written into the cache at slots
+            [cache_index, cache_index + T) for every row, then attend to every valid slot at or
+            before their own. Returns (logits, new_cache).
+        """
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        B, T = tokens_BT.shape
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        inv_freq = rope_inv_freq(cfg)
+
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+
+        if cache is None:
+            # causal within a segment; padded keys (segment 0) are never attended to
+            q_idx = jnp.arange(T)[:, None]
+            k_idx = jnp.arange(T)[None, :]
+            same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+            mask_BTS = same & (q_idx >= k_idx)[None] & (segment_ids_BT[:, None, :] != 0)
+        else:
+            S = cache["k"].shape[2]
+            new_valid = segment_ids_BT != 0
+            valid_BS = jax.lax.dynamic_update_slice(cache["valid"], new_valid, (0, cache_index))
+            slot_T = cache_index + jnp.arange(T)
+            mask_BTS = (jnp.arange(S)[None, None, :] <= slot_T[None, :, None]) & valid_BS[:, None, :]
+
+        layer_params = {name: getattr(self, name)[...] for name in self.LAYER_PARAMS}
+
+        def block(x_BTD, p, kv, layer):
+            """One decoder layer. kv: None, or the whole cache (k, v) [L, B, S, K, E] that this
+            layer writes its T new slots into, in place (it rides in the scan's carry, so the
+            decode loop never copies the cache)."""
+            h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps, dt)
+            q = jnp.einsum("BTD,DHE->BTHE", h_BTD, p["wq"].astype(dt))
+            k = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wk"].astype(dt))
+            v = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wv"].astype(dt))
+            q = apply_rope(q, positions_BT, inv_freq)
+            k = apply_rope(k, positions_BT, inv_freq)
+            if kv is not None:
+                k_all, v_all = kv
+                at = (layer, 0, cache_index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+                kv = (k_all, v_all)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
+            attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
+            x_BTD = x_BTD + jnp.einsum("BTHE,HED->BTD", attn, p["wo"].astype(dt))
+            h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps, dt)
+            gate = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_gate"].astype(dt))
+            up = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_up"].astype(dt))
+            x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+            return x_BTD, kv
+
+        if cfg.remat:
+            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+
+        def scan_body(carry, xs):
+            x_BTD, kv = carry
+            p, layer = xs
+            x_BTD, kv = block(x_BTD, p, kv, layer)
+            return (x_BTD, kv), None
+
+        kv = None if cache is None else (cache["k"], cache["v"])
+        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers)))
+
+        h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_eps, dt)
+        if return_hidden:
+            out = h_BTD
+        else:
+            head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+            out = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV.astype(dt)).astype(jnp.float32)
+        if cache is None:
+            return out
+        return out, {"k": kv[0], "v": kv[1], "valid": valid_BS}
+
+
+def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, n_kv_heads: int) -> jax.Array:
+    """Grouped-query attention with an fp32 softmax; returns [B, T, H, E]."""
+    B, T, H, E = q_BTHE.shape
+    G = H // n_kv_heads
+    q_BTKGE = q_BTHE.reshape(B, T, n_kv_heads, G, E)
+    logits_BKGTS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTKGE, k_BSKE).astype(jnp.float32)
+    logits_BKGTS = logits_BKGTS / math.sqrt(E)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, big_neg)
+    probs = jax.nn.softmax(logits_BKGTS, axis=-1)
+    # a row with no valid key (a padded query) gets uniform probs; zero it for cleanliness
+    probs = jnp.where(mask_BTS.any(-1)[:, None, None, :, None], probs, 0.0)
+    out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs.astype(v_BSKE.dtype), v_BSKE)
+    return out_BTKGE.reshape(B, T, H, E)
+
+
+def create(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """A randomly initialised model (tests, benchmarks)."""
+    return Llama(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: LlamaConfig) -> Llama:
+    """The model's structure and shapes, no memory (for loading and placement)."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 for each segment (left or right padding, packing)."""
+    B, T = segment_ids_BT.shape
+    idx = jnp.arange(T)[None, :].repeat(B, 0)
+    starts = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segment_ids_BT != 0, idx - start_idx, 0).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional view: params as a plain {name: array} dict, the module rebuilt inside jit.
+
+
+def split_params(model: Llama) -> tuple[nnx.GraphDef, dict[str, jax.Array]]:
+    """(graphdef, params): the model as a pure function's static part and its params."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef: nnx.GraphDef, params: dict) -> Llama:
+    """The module back from (graphdef, params)."""
+    return nnx.merge(graphdef, nnx.State({name: nnx.Param(value) for name, value in params.items()}))
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, *args, **kwargs):
+    """Run the model given as (graphdef, params); call inside jit/grad/vmap."""
+    return merge_params(graphdef, params)(*args, **kwargs)
+
+
+def logical_axes(cfg: LlamaConfig) -> dict[str, tuple]:
+    """{param name: logical axis names}, from the abstract model (no memory)."""
+    from montessori_jax.core.compat import logical_axes_of
+
+    state = nnx.state(abstract(cfg), nnx.Param)
+    return {name: logical_axes_of(var) for name, var in state.items()}

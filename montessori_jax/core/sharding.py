@@ -1,0 +1,139 @@
+"""Sharding by name: a mesh of (data, fsdp, tensor), a rules table from logical axis names
+to mesh axes, and placement of a model's state (or a batch) onto the mesh.
+
+The model only names its axes (``embed``, ``heads``, ``mlp``, ...). This table decides where
+they go, so one code path runs on 1 CPU, 8 fake CPU devices, a GPU node or a TPU pod.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from montessori_jax.core.compat import logical_axes_of, make_mesh as _make_mesh
+from montessori_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None: replicated)
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "seq": None,
+}
+
+
+def mesh_from_config(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ConfigError(f"mesh: {len(devices)} devices do not divide by data*tensor={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ConfigError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} != {len(devices)} devices"
+        )
+    return _make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+
+
+def merge_rules(overrides: Mapping[str, str | None] | None) -> dict:
+    rules = dict(DEFAULT_RULES)
+    for name, axis in (overrides or {}).items():
+        if axis is not None and axis not in MESH_AXES:
+            raise ConfigError(f"mesh.rules.{name}: {axis!r} is not a mesh axis; valid: {', '.join(MESH_AXES)}")
+        rules[name] = axis
+    return rules
+
+
+def spec_for(
+    logical_axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh,
+    rules: Mapping = DEFAULT_RULES,
+    what: str = "array",
+) -> P:
+    """PartitionSpec for an array with these logical axes.
+
+    A mesh axis whose size does not divide the dimension is dropped (that dimension is then
+    replicated over it), so e.g. SmolLM2's 9 heads still run on tensor=2. A mesh axis used
+    twice in one spec is an error naming the array.
+    """
+    used: set[str] = set()
+    entries = []
+    for name, dim in zip(logical_axes, shape):
+        if name is not None and name not in rules:
+            raise ConfigError(f"{what}: logical axis {name!r} has no sharding rule; known: {', '.join(sorted(rules))}")
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for axis in axes:
+            if axis in used:
+                raise ConfigError(f"{what}: mesh axis {axis!r} is used by two dimensions {logical_axes}")
+            size = mesh.shape[axis]
+            if size > 1 and dim % (size * int(np.prod([mesh.shape[a] for a in kept] or [1]))) == 0:
+                kept.append(axis)
+            elif size > 1:
+                log.debug("%s: dim %s=%d not divisible by mesh axis %s=%d; replicated", what, name, dim, axis, size)
+        used.update(kept)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*entries)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
+    """A pytree like ``state`` (an nnx.State) with a NamedSharding in place of each value."""
+
+    def one(path, var):
+        axes = logical_axes_of(var)
+        shape = var.shape
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        spec = P() if axes is None else spec_for(axes, shape, mesh, rules, what=name)
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+def dict_shardings(params: Mapping, axes: Mapping[str, tuple], mesh: jax.sharding.Mesh,
+                   rules: Mapping = DEFAULT_RULES) -> dict:
+    """{name: NamedSharding} for a plain dict of arrays whose logical axes are ``axes[name]``."""
+    return {name: NamedSharding(mesh, spec_for(axes[name], tuple(v.shape), mesh, rules, what=name))
+            for name, v in params.items()}
+
+
+def place(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
+    """Put every value of an nnx.State onto the mesh according to its logical names."""
+    shardings = state_shardings(state, mesh, rules)
+    return jax.device_put(state, shardings)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    """Batch arrays [B, ...]: the batch axis over the data-parallel mesh axes."""
+    axes = rules.get("batch")
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
+    """device_put a dict of [B, ...] arrays with the batch axis split over data x fsdp."""
+    return {k: jax.device_put(v, batch_sharding(mesh, rules, np.ndim(v))) for k, v in batch.items()}

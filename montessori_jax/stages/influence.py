@@ -1,0 +1,346 @@
+"""``montessori influence``: the warm state in, a scores JSONL + summary + histogram out.
+
+Resumable by chunk: each chunk's rows are appended (and flushed) as soon as they are computed;
+a rerun skips the ids already scored and repairs a line cut by a kill. ``settings.json`` holds
+everything a score depends on (``score_settings``); a rerun into a folder that holds scores
+made with other settings is an error naming the changed keys, never a mix of old and new rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from montessori_jax.core import batching
+from montessori_jax.kernels import influence as inf
+from montessori_jax.kernels import influence_memory
+from montessori_jax.stages import stats
+from montessori_jax.core import model as model_lib
+from montessori_jax import faults
+from montessori_jax.core import optim, text
+from montessori_jax.config import Config, InfluenceConfig, OptimConfig
+from montessori_jax.errors import UserError
+from montessori_jax.files import PACKAGED_REFERENCE, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
+
+# the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
+_REF_CACHE: dict[tuple, dict] = {}
+
+
+def _stamp(path: str) -> tuple[str, int]:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "warm_state.json")):
+        path = os.path.join(path, "warm_state.json")
+    return os.path.abspath(path), os.stat(path).st_mtime_ns
+
+
+def warm_state_file(path: str) -> str:
+    """influence.warm_state: the warm_state.json itself, or the folder of `montessori sft` holding it."""
+    return os.path.join(path, "warm_state.json") if os.path.isdir(path) else path
+
+
+def read_warm_state(path: str) -> dict:
+    path = warm_state_file(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no warm state (run `montessori sft` first; it writes warm_state.json)")
+    try:
+        with open(path) as f:
+            warm = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("checkpoint", "step", "total_steps", "lr", "model", "schedule") if k not in warm]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}")
+    return warm
+
+
+@dataclasses.dataclass
+class WarmStudent:
+    """The student's warm state, read once: params and AdamW moments as pytrees."""
+
+    graphdef: object
+    params: dict
+    mu: dict
+    nu: dict
+    count: jax.Array
+    cfg: model_lib.LlamaConfig
+    tok: object
+    warm: dict
+
+
+def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
+    from montessori_jax.stages import sft
+    from montessori_jax.core import weights
+    from montessori_jax.core.checkpoint import Checkpoints
+
+    model = weights.load_model(warm["model"], warm.get("param_dtype", "float32"), warm.get("dtype", "float32"),
+                               mesh, rules)
+    cfg = model.cfg
+    graphdef, params = model_lib.split_params(model)
+    del model
+    tx = optim.adamw(OptimConfig(**warm["schedule"]), warm["total_steps"])
+    like = sft.init_state(params, tx)
+    ckpts = Checkpoints(warm["checkpoint"])
+    try:
+        state, _ = ckpts.restore(like, step=warm["step"])
+    finally:
+        ckpts.close()
+    mu, nu, count = optim.adam_moments(state["opt_state"])
+    # the template the warm-up encoded with (warm states written before the key existed: none)
+    tok = text.load_tokenizer(warm["model"], warm.get("chat_template"), key="student.chat_template")
+    return WarmStudent(graphdef, state["params"], mu, nu, count, cfg, tok, warm)
+
+
+def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Example]:
+    from montessori_jax.stages.sft import encode_pairs
+
+    scfg = dataclasses.replace(Config().sft, system=icfg.system, max_len=max_len)
+    return encode_pairs(tok, pairs, scfg)
+
+
+def _done_ids(path: str) -> set:
+    """Ids already scored; a last line cut by a kill is removed."""
+    done, good = set(), []
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n"):
+                done.add(json.dumps(row["id"]))
+                good.append(line)
+    write_lines_atomic(path, good)
+    return done
+
+
+def score_settings(icfg: InfluenceConfig, warm: dict, hp: inf.AdamHP, ref_path: str) -> dict:
+    """What every score depends on: the estimator, the one step (lr, clipping), the dtype the
+    params are held in, the lengths and fields the texts are encoded with, the warm state
+    (warm_state.json's bytes and the step it points to), the probing and reference sets' bytes
+    and the model files'. Batch sizes and memory settings are left out: they do not change
+    the scores (beyond fp32 summation order, ~1e-8)."""
+    from montessori_jax.stages.eval import model_fingerprint
+
+    def data(path):  # a file or saved dataset folder by content; a hub id by name
+        return sha256_path(path) or f"name:{path}"
+
+    return {"estimator": icfg.estimator, "lr": hp.lr, "grad_clip": hp.grad_clip, "param_dtype": icfg.param_dtype,
+            "max_len": icfg.max_len, "ref_max_len": icfg.ref_max_len, "system": icfg.system,
+            "prompt_field": icfg.prompt_field, "response_field": icfg.response_field,
+            "warm_state": sha256_file(warm_state_file(icfg.warm_state)), "warm_step": warm["step"],
+            "probe": data(icfg.probe), "reference": data(ref_path), "model": model_fingerprint(warm["model"])}
+
+
+def check_settings(out_dir: str, settings: dict, n_done: int) -> None:
+    """Scores in ``out_dir`` must come from these settings (else a one-line error naming the
+    changed keys); then ``settings.json`` records them, before any new row is written."""
+    path = os.path.join(out_dir, "settings.json")
+    if n_done:
+        if not os.path.exists(path):
+            raise UserError(f"{out_dir}: holds {n_done} influence scores but no settings.json (an older "
+                            "version wrote them), so they cannot be checked against these settings; use a new "
+                            "--out or remove the folder")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg}); use a new --out or remove the folder") from None
+        changed = [k for k in settings if old.get(k) != settings[k]] + [k for k in old if k not in settings]
+        if changed:
+            raise UserError(f"{out_dir}: holds {n_done} influence scores computed with other settings (changed: "
+                            f"{', '.join(changed)}); use a new --out, or remove the folder to score again")
+    write_json_atomic(path, settings)
+
+
+def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
+    from montessori_jax.stages import pairs as pairs_lib
+    from montessori_jax.core import sharding
+
+    icfg = cfg.influence
+    if not icfg.warm_state:
+        raise UserError("influence.warm_state is not set (the warm_state.json of `montessori sft`)")
+    if not icfg.probe:
+        raise UserError("influence.probe is not set (the probing set JSONL)")
+    warm = read_warm_state(icfg.warm_state)
+    probe_pairs = pairs_lib.load_pairs(icfg.probe, prompt_field=icfg.prompt_field, response_field=icfg.response_field)
+    ref_path = icfg.reference or PACKAGED_REFERENCE
+    ref_pairs = pairs_lib.load_pairs(ref_path)
+
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    hp = inf.AdamHP.from_warm_state(warm, icfg.lr, icfg.grad_clip)
+    if not hp.lr > 0:
+        raise UserError(f"{icfg.warm_state}: the warm-up leaves the lr at {hp.lr:g} (its schedule decayed to "
+                        "min_lr_ratio), so one step on any example changes nothing; set influence.lr, or "
+                        "warm up with a schedule that ends above zero (e.g. warmup.optim.min_lr_ratio=0.1)")
+    os.makedirs(out_dir, exist_ok=True)
+    scores_path = os.path.join(out_dir, "scores.jsonl")
+    done = _done_ids(scores_path)
+    check_settings(out_dir, score_settings(icfg, warm, hp, ref_path), len(done))
+
+    with jax.set_mesh(mesh):
+        student = load_warm_student(warm, mesh, rules)
+        tok = student.tok
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
+        ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
+        ref = inf.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)
+        ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
+        todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
+
+        p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
+        ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
+        probe_len = batching.bucket_length(max(len(e) for e in probe))
+        B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
+            student.cfg, len(probe), probe_len, icfg.ref_batch_size, ref_len, icfg.memory_fraction)
+        if mem and progress:
+            print(f"influence: {B} probing examples per program (estimated "
+                  f"{mem['per_example_bytes'] / 2**30:.2f} GiB each, {mem['device_bytes'] / 2**30:.0f} GiB device)")
+
+        want_exact = icfg.estimator in ("exact", "both")
+        want_fo = icfg.estimator in ("first_order", "both")
+        sp = student.params
+        # L_ref and its gradient depend on the warm state and D_ref alone: a second scoring of
+        # other probes on the same warm student (the teacher shift) reuses them in-process
+        # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
+        ref_key = (_stamp(icfg.warm_state), warm["step"], _stamp(ref_path), icfg.ref_max_len,
+                   icfg.ref_batch_size, icfg.system, icfg.param_dtype, icfg.memory_fraction)
+        cached = _REF_CACHE.get(ref_key, {})
+        _REF_CACHE.clear()
+        _REF_CACHE[ref_key] = cached
+        if "baseline" not in cached:
+            cached["baseline"] = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+        baseline, base_nll = cached["baseline"]
+        baseline = float(baseline)
+        exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
+        check_fp32 = want_exact and icfg.param_dtype != "float32"
+        if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
+            exact32 = inf.make_exact(student.graphdef, hp)
+            _, base_nll32 = inf.make_baseline(student.graphdef)(sp, ref.groups)
+        g_ref = None
+        if want_fo:
+            plan = influence_memory.plan_ref_grad(student.cfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction)
+            if progress:
+                print(f"influence: grad L_ref over {plan['rows_per_chunk']} reference row(s) per chunk, "
+                      f"{'with' if plan['remat'] else 'without'} remat (estimated "
+                      f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
+            grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else inf.make_ref_set(
+                ref_examples, plan["rows_per_chunk"], pad_id)
+            if "g_ref" not in cached:
+                cached["g_ref"] = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)[1]
+            g_ref = cached["g_ref"]
+        fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
+
+        t_start, n_done = time.perf_counter(), 0
+        bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
+        sub = [probe[i] for i in todo]
+        with open(scores_path, "a") as out:
+            for k, (idx, batch) in enumerate(batching.batches(sub, B, pad_id=pad_id)):
+                prof = jax.profiler.trace(profile_dir) if (profile_dir and k == 0) else contextlib.nullcontext()
+                with prof:
+                    cols = {}
+                    if want_exact:
+                        drop, unchanged = jax.device_get(exact_fn(sp, student.mu, student.nu, student.count,
+                                                                  batch, ref.groups, base_nll, hp.lr))
+                        cols["drop"], cols["unchanged"] = drop, unchanged
+                    if check_fp32:
+                        cols["drop32"] = jax.device_get(exact32(sp, student.mu, student.nu, student.count,
+                                                                batch, ref.groups, base_nll32, hp.lr))[0]
+                    if want_fo:
+                        cols["pred"] = jax.device_get(fo_fn(sp, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
+                for j, local in enumerate(idx):
+                    i = todo[local]
+                    row = {"id": ids[i], "seed_prompt": probe_pairs[i].row.get("seed_prompt")}
+                    if want_exact:
+                        drop = float(cols["drop"][j])
+                        row.update(influence=drop, ref_loss_after=baseline - drop, estimator="exact")
+                        if check_fp32:
+                            row.update(param_dtype=icfg.param_dtype, unchanged_fraction=float(cols["unchanged"][j]),
+                                       influence_fp32=float(cols["drop32"][j]))
+                    if want_fo:
+                        fo = float(cols["pred"][j])
+                        if want_exact:
+                            row.update(influence_first_order=fo, estimator="both")
+                        else:
+                            row.update(influence=fo, ref_loss_predicted=baseline - fo, estimator="first_order")
+                    out.write(json.dumps(row) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                faults.point("influence.chunk")
+                n_done += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(ex_s=f"{n_done / (time.perf_counter() - t_start):.2f}")
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+
+    summary = summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_done)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    plot_histogram(scores_path, os.path.join(out_dir, "influence_hist.png"))
+    return summary
+
+
+def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> dict:
+    rows = [json.loads(line) for line in open(scores_path)]
+    infl = np.array([r["influence"] for r in rows], np.float64)
+    s = {
+        "n": len(rows),
+        "estimator": icfg.estimator,
+        "param_dtype": icfg.param_dtype,
+        "baseline_ref_loss": baseline,
+        "reference": {"rows": ref.n_rows, "tokens": ref.n_tokens},
+        "lr": hp.lr,
+        "grad_clip": hp.grad_clip,
+        "warm_step": warm["step"],
+        "positive": int((infl > 0).sum()),
+        "negative": int((infl < 0).sum()),
+        "zero": int((infl == 0).sum()),
+        "quantiles": {str(q): float(np.quantile(infl, q)) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)} if len(infl) else {},
+        "batch_size": B,
+        "seconds_this_run": elapsed,
+        "examples_per_s_this_run": n_new / elapsed if elapsed > 0 and n_new else None,
+    }
+    if icfg.estimator == "both":
+        s["agreement"] = stats.agreement(infl, np.array([r["influence_first_order"] for r in rows]))
+    if icfg.param_dtype != "float32" and rows and "unchanged_fraction" in rows[0]:
+        fp32 = np.array([r["influence_fp32"] for r in rows])
+        s["precision_probe"] = {
+            "unchanged_fraction_mean": float(np.mean([r["unchanged_fraction"] for r in rows])),
+            "sign_agreement_with_fp32": float(np.mean(np.sign(infl) == np.sign(fp32))),
+            "spearman_with_fp32": stats.spearman(infl, fp32),
+        }
+    return s
+
+
+def plot_histogram(scores_path: str, png_path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(scores_path)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist([r["influence"] for r in rows], bins=min(40, max(5, len(rows) // 2)), alpha=0.8, label="influence")
+    if "influence_first_order" in rows[0]:
+        ax.hist([r["influence_first_order"] for r in rows], bins=min(40, max(5, len(rows) // 2)), alpha=0.5,
+                label="first-order")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("L_ref(before) - L_ref(after)   (> 0: the example helps)")
+    ax.set_ylabel("probing examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

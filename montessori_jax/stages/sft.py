@@ -1,0 +1,266 @@
+"""Supervised fine-tuning of the student: the warm-up (step 2 of the method) and the training
+on the synthesized set (step 5). Loss on response tokens only, token mean over the global
+batch with exact gradient accumulation, AdamW with warmup-stable-decay, one jitted step that
+donates the train state, orbax checkpoints with resume, HF export at the end.
+
+The final train state (params + AdamW state + step) is what the influence stage continues
+from; ``warm_state.json`` beside it records the hyperparameters, the last lr and the lr one
+more step continues at (``optim.continue_lr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from montessori_jax.core import batching
+from montessori_jax.core import model as model_lib
+from montessori_jax import faults
+from montessori_jax.core import optim, text
+from montessori_jax.core.checkpoint import Checkpoints
+from montessori_jax.config import Config, SFTConfig
+from montessori_jax.errors import UserError
+from montessori_jax.files import write_json_atomic
+from montessori_jax.core.losses import mean_token_nll
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+    """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
+
+    batch arrays are [A, M, T]: A micro-batches whose gradients of the *summed* token loss are
+    accumulated, then divided once by the global target count (exact token mean).
+    """
+
+    def loss_sum(params, mb):
+        logits = model_lib.apply(graphdef, params, mb["tokens"], mb["positions"], mb["segment_ids"])
+        return mean_token_nll(logits, mb["tokens"], mb["loss_mask"])
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+
+        def micro(carry, mb):
+            g_acc, s_acc, c_acc = carry
+            (s, c), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g, s, c), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        denom = jnp.maximum(c, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(g, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": s / denom, "tokens": c, "grad_norm": optax.global_norm(g),
+                   "lr": optim.current_lr(opt_state)}
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def batch_shardings(mesh, rules, batch) -> dict:
+    """[A, M, T]: the micro-batch axis over the data-parallel mesh axes when it divides."""
+    axes = rules.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    out = {}
+    for k, v in batch.items():
+        spec = P(None, axes if (n > 1 and v.shape[1] % n == 0) else None, *([None] * (v.ndim - 2)))
+        out[k] = NamedSharding(mesh, spec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _settings(cfg: SFTConfig, section: str, model_path: str) -> dict:
+    """What a resumed run must share with the one that wrote the checkpoints, besides its rows
+    (kept in the checkpoints, so a refusal can name what changed)."""
+    keep = dataclasses.asdict(cfg)
+    for k in ("log_every", "save_every", "eval_every", "logger", "export"):
+        keep.pop(k)
+    return {section: keep, "student": {"path": model_path}}
+
+
+def _fingerprint(rows: Sequence[batching.Row], settings: dict) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r.tokens.tobytes())
+        h.update(r.loss_mask.tobytes())
+        h.update(r.segment_ids.tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def changed_settings(saved: dict | None, settings: dict) -> str:
+    """``" (changed: dpo.max_steps 3 -> 5, ...)"``: the dotted keys whose values differ from the
+    settings a checkpoint recorded; empty when it recorded none or none differ."""
+    from montessori_jax.config import diff_dicts
+
+    if not saved:
+        return ""
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    keys = diff_dicts(saved, settings)
+    if not keys:
+        return ""
+    return " (changed: " + ", ".join(f"{k} {get(saved, k)!r} -> {get(settings, k)!r}" for k in keys) + ")"
+
+
+def encode_pairs(tok, pairs, cfg: SFTConfig) -> list[text.Example]:
+    return [text.encode_example(tok, list(p.prompt) if isinstance(p.prompt, tuple) else p.prompt,
+                                p.response, system=cfg.system, max_len=cfg.max_len) for p in pairs]
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return examples, []
+    n_eval = max(1, int(round(fraction * len(examples))))
+    perm = np.random.default_rng([seed, 1]).permutation(len(examples))
+    held = set(perm[:n_eval].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sft") -> dict:
+    """Train ``cfg.student`` on ``cfg.<section>``'s data; resume from ``out_dir`` if a run was
+    interrupted there. Returns a summary dict (also written to ``out_dir/summary.json``)."""
+    from montessori_jax.stages import metrics as metrics_lib
+    from montessori_jax.stages import pairs as pairs_lib
+    from montessori_jax.core import sharding, weights
+    from montessori_jax.kernels.scorer import Scorer
+
+    scfg: SFTConfig = getattr(cfg, section)
+    model_cfg = cfg.student
+    os.makedirs(out_dir, exist_ok=True)
+    tok = text.load_tokenizer(model_cfg.path, model_cfg.chat_template, key="student.chat_template")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    examples = encode_pairs(tok, pairs_lib.load_pairs(scfg.data, scfg.split, scfg.prompt_field, scfg.response_field), scfg)
+    train_ex, eval_ex = split_eval(examples, scfg.eval_fraction, cfg.seed)
+    if scfg.eval_data:
+        eval_ex = encode_pairs(tok, pairs_lib.load_pairs(scfg.eval_data, scfg.split, scfg.prompt_field,
+                                                         scfg.response_field), scfg)
+    n_truncated = sum(e.truncated for e in examples)
+    rows = batching.pack_examples(train_ex, scfg.max_len) if scfg.pack else batching.rows_from_examples(train_ex)
+
+    G = scfg.batch_size
+    M = scfg.micro_batch_size or G
+    steps_per_epoch = math.ceil(len(rows) / G)
+    total = steps_per_epoch * scfg.epochs
+    if scfg.max_steps is not None:
+        total = min(total, scfg.max_steps)
+    buckets = batching.DEFAULT_BUCKETS
+    settings = _settings(scfg, section, model_cfg.path)
+    fingerprint = _fingerprint(rows, settings)
+
+    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    model = weights.load_model(model_cfg.path, model_cfg.param_dtype, model_cfg.dtype, mesh, rules, model_cfg.remat)
+    graphdef, params = model_lib.split_params(model)
+    del model
+    tx = optim.adamw(scfg.optim, total)
+    with jax.set_mesh(mesh):
+        state = init_state(params, tx)
+    step_fn = make_train_step(graphdef, tx)
+
+    ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
+    start = 0
+    if ckpts.latest_step() is not None:
+        meta = ckpts.restore_meta()
+        if meta.get("fingerprint") != fingerprint:
+            raise UserError(f"{out_dir}: holds a run with other data or settings"
+                            f"{changed_settings(meta.get('settings'), settings)}; use a new --out or remove it")
+        state, meta = ckpts.restore(state)
+        start = int(meta["step"])
+    log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
+    scorer = Scorer(graphdef, state["params"]) if eval_ex else None
+
+    def eval_loss(step):
+        s, c = scorer.nll_sums(eval_ex, M, pad_id, params=state["params"])
+        value = float(s.sum() / max(c.sum(), 1))
+        log.write({"step": step, "eval_loss": value})
+        return value
+
+    bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
+    pending, t_last = [], time.perf_counter()
+    order, order_epoch = None, None
+    step = start
+    with jax.set_mesh(mesh):
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
+                order, order_epoch = batching.epoch_order(rows, G, cfg.seed, epoch), epoch
+            idx = order[k]
+            batch = batching.global_batch(rows, idx, G, M, buckets, pad_id)
+            batch = jax.device_put(batch, batch_shardings(mesh, rules, batch))
+            state, m = step_fn(state, batch)
+            step += 1
+            pending.append((step, m))
+            if step % scfg.log_every == 0 or step == total:
+                host = jax.device_get([m for _, m in pending])
+                now = time.perf_counter()
+                n_tok = sum(float(h["tokens"]) for h in host)
+                for (s_, _), h in zip(pending, host):
+                    log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
+                               "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
+                               "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
+                bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
+                pending, t_last = [], now
+            if scfg.eval_every and scorer and step % scfg.eval_every == 0:
+                eval_loss(step)
+            if step % scfg.save_every == 0 or step == total:
+                log.flush()
+                ckpts.save(step, state, {"step": step, "fingerprint": fingerprint, "settings": settings},
+                           wait=step == total)
+                faults.point("sft.checkpoint")
+            bar.update(1)
+    bar.close()
+    ckpts.close()
+
+    final_eval = eval_loss(step) if scorer else None
+    last_lr = float(optim.current_lr(state["opt_state"])) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
+    o = scfg.optim
+    # lr: what one more step (the influence step) continues at; see optim.continue_lr
+    warm = {"checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")), "step": step,
+            "total_steps": total, "lr": optim.continue_lr(o, total, step), "last_lr": last_lr,
+            "peak_lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
+            "weight_decay": o.weight_decay, "decay_norms": o.decay_norms, "grad_clip": o.grad_clip,
+            "model": model_cfg.path, "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
+            "chat_template": model_cfg.chat_template, "schedule": dataclasses.asdict(o)}
+    write_json_atomic(os.path.join(out_dir, "warm_state.json"), warm)
+
+    export_dir = None
+    if scfg.export:
+        export_dir = os.path.join(out_dir, "model")
+        weights.save_hf(model_lib.merge_params(graphdef, state["params"]), export_dir, tokenizer=tok)
+    log.close()
+    metrics_lib.plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    summary = {"steps": step, "examples": len(train_ex), "rows": len(rows), "truncated": n_truncated,
+               "eval_examples": len(eval_ex), "eval_loss": final_eval, "last_lr": last_lr,
+               "model": export_dir, "warm_state": os.path.join(out_dir, "warm_state.json")}
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    return summary
