@@ -65,7 +65,7 @@ def _add_config(sub) -> None:
     )
     p.add_argument("-c", "--config", default=None, help="a YAML preset, e.g. configs/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. student.dtype=bfloat16")
-    p.set_defaults(func=cmd_config)
+    p.set_defaults(func=cmd_config, compiles=False)
 
 
 def _stage_args(p) -> None:
@@ -328,8 +328,8 @@ def _add_generate(sub) -> None:
 def cmd_judge(args) -> int:
     import dataclasses
 
-    from montessori_jax.stages import judge
     from montessori_jax.config import JudgeConfig
+    from montessori_jax.stages import judge
 
     fields = {f.name for f in dataclasses.fields(JudgeConfig)}
     try:
@@ -371,7 +371,7 @@ def _add_judge(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="of a judge's reply")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="resamples for the win rate interval")
     p.add_argument("--seed", type=int, default=d.seed, help="of the bootstrap")
-    p.set_defaults(func=cmd_judge)
+    p.set_defaults(func=cmd_judge, compiles=False)
 
 
 def _bench_sft(args):
@@ -470,18 +470,6 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _compilation_cache() -> None:
-    """Programs that stages compile again (the SFT step of the warm-up and of the training, the
-    sampler of each synthesis and eval) come from JAX's persistent cache, across runs too;
-    JAX_COMPILATION_CACHE_DIR chooses the folder."""
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "montessori_jax", "xla")
-        jax.config.update("jax_compilation_cache_dir", folder)
-
-
 def cmd_run(args) -> int:
     from montessori_jax import pipeline
     from montessori_jax.config import Config, load_config
@@ -489,7 +477,6 @@ def cmd_run(args) -> int:
     cfg = load_config(Config, args.config, args.overrides)
     run_dir = args.run_dir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0] if args.config else "default")
-    _compilation_cache()
     result = pipeline.run(cfg, run_dir, restart_from=args.restart_from, argv=sys.argv[1:])
     print(result["report"])
     print(f"results: {run_dir} (summary.json, summary.png; `montessori status {run_dir}` lists every stage)")
@@ -527,12 +514,12 @@ def _add_status(sub) -> None:
                        description="Prints RUN_DIR/manifest.json as a table: each stage's status, "
                        "seconds, and its outputs' sha256 prefixes.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, compiles=False)
 
 
 def cmd_compare(args) -> int:
-    from montessori_jax.stages import compare
     from montessori_jax.files import write_json_atomic
+    from montessori_jax.stages import compare
 
     result = compare.compare(args.run_dirs)
     print(compare.format_comparison(result))
@@ -549,7 +536,7 @@ def _add_compare(sub) -> None:
                        "NLL difference, the teacher shift and the DPO held-out reward accuracy with their spread.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, compiles=False)
 
 
 def cmd_serve(args) -> int:
@@ -606,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "compiles", True):
+        from montessori_jax.core.xla_cache import use_compilation_cache
+
+        use_compilation_cache()
     try:
         return int(args.func(args) or 0)
     except UserError as e:

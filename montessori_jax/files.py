@@ -47,7 +47,6 @@ def write_jsonl_atomic(path: str, rows: Iterable[Mapping]) -> None:
     write_lines_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-
 def read_jsonl(path: str) -> list[dict]:
     """All rows of a JSONL file; a line that is not a JSON object is an error naming it."""
     if not os.path.isfile(path):

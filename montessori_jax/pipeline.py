@@ -43,13 +43,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
-from montessori_jax.errors import ConfigError, UserError
 from montessori_jax.core import weights
+from montessori_jax.errors import ConfigError, UserError
 from montessori_jax.files import PACKAGED_REFERENCE, read_json, sha256_path, write_json_atomic
 from montessori_jax.stages import data as data_lib
-from montessori_jax.stages import dpo, judge, pairs as pairs_lib, preferences, sft, teacher_shift
+from montessori_jax.stages import dpo, judge, preferences, sft, teacher_shift
 from montessori_jax.stages import eval as eval_lib
 from montessori_jax.stages import influence as influence_stage
+from montessori_jax.stages import pairs as pairs_lib
 from montessori_jax.stages.synthesis import load_seed_pool, synthesize
 
 MANIFEST = "manifest.json"

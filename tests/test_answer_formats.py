@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from montessori_jax.stages import answer_formats as af
-from montessori_jax.stages import eval as ev
 from montessori_jax.config import Config, load_config
 from montessori_jax.errors import UserError
+from montessori_jax.stages import answer_formats as af
+from montessori_jax.stages import eval as ev
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ALPACA = os.path.join(DATA, "alpaca_sample.json")

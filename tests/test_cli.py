@@ -45,8 +45,9 @@ def _transformers_nll(tm, hf_tok, row):
 
 
 def test_score_equals_transformers(smollm2_path, smollm2_torch, tmp_path, capsys):
-    from transformers import AutoTokenizer
     import os
+
+    from transformers import AutoTokenizer
 
     inp = _write(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"

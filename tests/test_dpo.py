@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from montessori_jax.config import DPOOptimConfig
+from montessori_jax.core import model as M
+from montessori_jax.core import optim, sharding, text, weights
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.stages import dpo, sft
-from montessori_jax.core import optim, sharding, text, weights
-from montessori_jax.core import model as M
-from montessori_jax.config import DPOOptimConfig
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 LOG2 = math.log(2.0)

@@ -5,21 +5,21 @@ import fnmatch
 import json
 import math
 import os
-import tomllib
 import warnings
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
-from montessori_jax.stages import data as data_lib
-from montessori_jax.stages import eval as ev
-from montessori_jax.core import text
 from montessori_jax.cli import main
 from montessori_jax.config import Config, load_config
+from montessori_jax.core import text
 from montessori_jax.errors import UserError
-from montessori_jax.stages.pairs import load_pairs
 from montessori_jax.files import PACKAGED_REFERENCE, PACKAGED_SEED_POOL
+from montessori_jax.stages import data as data_lib
+from montessori_jax.stages import eval as ev
+from montessori_jax.stages.pairs import load_pairs
 from montessori_jax.stages.synthesis.seeds import load_seed_pool
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_torch_llama
-from montessori_jax.core import batching
+
+from montessori_jax.config import OptimConfig
+from montessori_jax.core import batching, optim, text, weights
+from montessori_jax.core import model as M
 from montessori_jax.kernels import influence as inf
 from montessori_jax.kernels import influence_memory
-from montessori_jax.stages import stats
-from montessori_jax.core import model as M
-from montessori_jax.core import optim, text, weights
-from montessori_jax.stages import sft
-from montessori_jax.config import OptimConfig
+from montessori_jax.stages import sft, stats
 
 
 def _examples(n, seed, vocab, lo=6, hi=30):

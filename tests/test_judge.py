@@ -8,10 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from montessori_jax.stages import judge
 from montessori_jax.cli import main
 from montessori_jax.config import JudgeConfig
 from montessori_jax.errors import UserError
+from montessori_jax.stages import judge
 
 MT = os.path.join(os.path.dirname(__file__), "data", "mt_bench_sample.jsonl")
 

@@ -5,7 +5,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.core.losses import mean_token_nll, token_nll
+from montessori_jax.core.losses import batch_token_nll, token_nll
 
 
 def test_token_nll_hand_computed():
@@ -23,6 +23,6 @@ def test_token_nll_hand_computed():
     row1 = (math.log(math.e + math.e**2 + math.e**3) - 3) + math.log(3)
     np.testing.assert_allclose(np.asarray(s), [row0, row1], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(c), [2, 2])
-    total, count = mean_token_nll(logits, tokens, mask)
+    total, count = batch_token_nll(logits, tokens, mask)
     assert float(count) == 4
     assert abs(float(total) - (row0 + row1)) < 1e-5

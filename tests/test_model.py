@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_torch_llama
+
 from montessori_jax.core import model as M
 from montessori_jax.core import weights
 

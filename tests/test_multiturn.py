@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from montessori_jax.config import Config, load_config
+from montessori_jax.core import text
+from montessori_jax.errors import UserError
 from montessori_jax.stages import eval as ev
 from montessori_jax.stages import score as scoring
-from montessori_jax.core import text
-from montessori_jax.config import Config, load_config
-from montessori_jax.errors import UserError
 
 CONVERSATION = [
     {"role": "user", "content": "the cat sat"},

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import get_wsd_schedule
 
-from montessori_jax.core import optim
 from montessori_jax.config import OptimConfig
+from montessori_jax.core import optim
 
 # (total steps, warmup, stable, decay ratios, min_lr_ratio): int(ratio * T) leaves steps over
 # at 37 (3 + 18 + 14 = 35), an all-warmup warm-up as the original's, no warmup, no stable phase

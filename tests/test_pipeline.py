@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pipeline_helpers import TaggingTeacher, tiny_overrides, write_small_sets
 
 from montessori_jax import pipeline

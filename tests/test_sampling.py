@@ -13,10 +13,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from montessori_jax.core import model as M
-from montessori_jax.kernels import sampler as S
-from montessori_jax.stages import generate as G
 from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
+from montessori_jax.kernels import sampler as S
+from montessori_jax.stages import generate as G
 
 GREEDY32 = S.SamplingParams(temperature=0.0, max_new_tokens=32)
 

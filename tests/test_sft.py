@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_torch_llama
-from montessori_jax.core import batching
-from montessori_jax.core import model as M
-from montessori_jax.core import optim, sharding, text, weights
-from montessori_jax.stages import sft
+
 from montessori_jax.config import OptimConfig
+from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import model as M
+from montessori_jax.stages import sft
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 
@@ -142,12 +141,12 @@ def test_packed_loss_equals_unpacked():
     for r in packed:  # segments numbered 1..k in order within each row
         ids = np.unique(r.segment_ids)
         assert list(ids) == list(range(1, len(ids) + 1)) and np.all(np.diff(r.segment_ids) >= 0)
-    from montessori_jax.core.losses import mean_token_nll
+    from montessori_jax.core.losses import batch_token_nll
 
     def loss(rows, length):
         b = batching.pad_rows(rows, len(rows), length, 0)
         logits = M.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        s, c = mean_token_nll(logits, b["tokens"], b["loss_mask"])
+        s, c = batch_token_nll(logits, b["tokens"], b["loss_mask"])
         return float(s) / float(c)
 
     assert abs(loss(packed, 64) - loss(batching.rows_from_examples(ex), 32)) <= 1e-5

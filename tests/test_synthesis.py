@@ -7,7 +7,7 @@ import random
 import pytest
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
+from montessori_jax.files import PACKAGED_REFERENCE, SHARED_DATA_ENV, shared_data_path
 from montessori_jax.stages.synthesis import (
     DROP_REASONS,
     Completion,
@@ -21,7 +21,6 @@ from montessori_jax.stages.synthesis import (
     rouge_l,
     synthesize,
 )
-from montessori_jax.files import PACKAGED_REFERENCE
 from montessori_jax.stages.synthesis import records as records_lib
 from montessori_jax.stages.synthesis.filters import normalize
 from montessori_jax.stages.synthesis.prompts import DEFAULT_PREAMBLE
@@ -910,8 +909,8 @@ def test_prompt_file_gives_the_preamble(tmp_path):
 
 
 def test_teacher_generator_loads_the_teachers_chat_template(tmp_path, tiny_teacher):
-    from montessori_jax.core import text
     from montessori_jax.config import ModelConfig
+    from montessori_jax.core import text
     from montessori_jax.stages.synthesis import TeacherGenerator
 
     folder, _ = tiny_teacher

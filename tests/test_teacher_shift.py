@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from montessori_jax.stages import compare, teacher_shift
 from montessori_jax.cli import main
 from montessori_jax.errors import UserError
+from montessori_jax.stages import compare, teacher_shift
 
 
 def test_shift_stats_by_hand():

@@ -6,12 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_tokenizer
-from montessori_jax.core import batching
-from montessori_jax.core import text
-from montessori_jax.errors import UserError
 
+from montessori_jax.core import batching, text
+from montessori_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_torch_llama
+
 from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
 

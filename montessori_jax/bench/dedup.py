@@ -26,6 +26,10 @@ import time
 
 import numpy as np
 
+from montessori_jax.bench.common import machine_info
+from montessori_jax.stages.synthesis.rouge import RougeLIndex, rouge_l
+from montessori_jax.stages.synthesis.seeds import load_seed_pool
+
 _COMMON = (
     "the a of to and in for is on that with as it be this are by from or an at your which "
     "how what why when who can should would could about into than more most some any each "
@@ -76,9 +80,6 @@ def bench_dedup(
     from rouge_score import rouge_scorer
     from tqdm.auto import tqdm
 
-    from montessori_jax.stages.synthesis.rouge import RougeLIndex
-    from montessori_jax.stages.synthesis.seeds import load_seed_pool
-
     seeds = [t.text for t in load_seed_pool()]
     texts = synthetic_candidates(candidates, seed)
 
@@ -106,7 +107,6 @@ def bench_dedup(
     t0 = time.perf_counter()
     ref_scores = [scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs]
     sample_s = time.perf_counter() - t0
-    from montessori_jax.stages.synthesis.rouge import rouge_l
 
     mismatches = sum(rouge_l(a, b) != s for (a, b), s in zip(pairs, ref_scores))
     per_pair = sample_s / max(1, len(pairs))
@@ -119,7 +119,6 @@ def bench_dedup(
         decision_errors += int((best <= threshold) != kept_mask[c])
 
     rouge_s = per_pair * total_pairs
-    from montessori_jax.bench.common import machine_info
 
     return {
         "benchmark": "dedup",

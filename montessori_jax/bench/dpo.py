@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.kernels import dpo as dpo_lib
-from montessori_jax.stages import sft
-from montessori_jax.core import optim, text, weights
-from montessori_jax.core import model as model_lib
 from montessori_jax.bench.common import RANDOM_PRESETS, machine_info
 from montessori_jax.config import DPOOptimConfig
+from montessori_jax.core import model as model_lib
+from montessori_jax.core import optim, text, weights
+from montessori_jax.kernels import dpo as dpo_lib
+from montessori_jax.stages import sft
 
 
 def _pairs(n: int, length: int, vocab: int, seed: int = 0) -> list[dpo_lib.PairExample]:

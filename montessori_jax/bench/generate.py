@@ -20,6 +20,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from montessori_jax.bench.common import RANDOM_PRESETS, machine_info
+from montessori_jax.core import model as model_lib
+from montessori_jax.core import text, weights
+from montessori_jax.errors import UserError
+from montessori_jax.kernels import sampler as sampling
 
 BENCH_PROMPTS = (
     "What is the capital of France?",
@@ -40,11 +44,10 @@ BENCH_PROMPTS = (
     "What are the main benefits of regular exercise?",
 )
 
+
 def _load_transformers(path: str):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from montessori_jax.core import text
 
     if path == "smollm2":
         path = text.embedded_smollm2_path()
@@ -100,15 +103,10 @@ def bench_generate(
     of ``prompt_len`` tokens; transformers is skipped. temperature / top_p / top_k: greedy by
     default; the same settings go to transformers (whose own default top-k of 50 is off here).
     """
-    from montessori_jax.kernels import sampler as sampling
-    from montessori_jax.core import text, weights
-    from montessori_jax.core import model as model_lib
 
     params = sampling.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
     if random is not None:
         if random not in RANDOM_PRESETS:
-            from montessori_jax.errors import UserError
-
             raise UserError(f"random model {random!r}: expected one of {sorted(RANDOM_PRESETS)}")
         cfg = model_lib.LlamaConfig(**RANDOM_PRESETS[random], param_dtype=dtype, dtype=dtype)
         ours_model = model_lib.create(cfg)
@@ -119,7 +117,7 @@ def bench_generate(
         tok = text.load_tokenizer(model)
         ours_model = weights.load_model(model, param_dtype=dtype, dtype=dtype)
         pool = [text.encode_prompt(tok, p) for p in BENCH_PROMPTS]
-        pad_id, model_name = tok.pad_token_id or 0, model
+        pad_id, model_name = text.pad_id(tok), model
     hf = _load_transformers(model) if transformers else None
     sampler = sampling.Sampler(ours_model, pad_id=pad_id)
 

@@ -22,18 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.core import batching
-from montessori_jax.kernels import influence as inf
-from montessori_jax.kernels import influence_memory
-from montessori_jax.stages import stats
-from montessori_jax.core import model as model_lib
-from montessori_jax.core import optim, text, weights
-from montessori_jax.stages import sft
 from montessori_jax.bench.common import machine_info
-from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.config import OptimConfig
+from montessori_jax.core import batching, optim, text, weights
+from montessori_jax.core import model as model_lib
+from montessori_jax.core.checkpoint import Checkpoints
+from montessori_jax.core.losses import batch_token_nll
 from montessori_jax.errors import UserError
 from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
+from montessori_jax.kernels import influence as inf
+from montessori_jax.kernels import influence_memory
+from montessori_jax.stages import sft, stats
 
 ORIGINAL_LEN = 1024
 
@@ -75,7 +74,7 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     m = weights.load_model(model)
     cfg = m.cfg
     tok = text.load_tokenizer(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = text.pad_id(tok)
     graphdef, params = model_lib.split_params(m)
     del m
 
@@ -160,9 +159,8 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
 
     def ref_pass_fn(params, b):
         logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        from montessori_jax.core.losses import mean_token_nll
 
-        return mean_token_nll(logits, b["tokens"], b["loss_mask"])
+        return batch_token_nll(logits, b["tokens"], b["loss_mask"])
 
     ref_pass_jit = jax.jit(ref_pass_fn)
 

@@ -39,7 +39,7 @@ def bench_serve(model: str = "smollm2", requests: int = 64, max_new_tokens: int 
     prompts = _prompts(requests)
     tok = text.load_tokenizer(model)
     llama = weights.load_model(model)
-    sampler = sampler_lib.Sampler(llama, pad_id=tok.pad_token_id)
+    sampler = sampler_lib.Sampler(llama, pad_id=text.pad_id(tok))
     ids = [text.encode_prompt(tok, p) for p in prompts]
     params = sampler_lib.SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     stops = text.stop_token_ids(tok)

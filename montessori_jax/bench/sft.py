@@ -11,11 +11,11 @@ import time
 import jax
 import numpy as np
 
+from montessori_jax.bench.common import machine_info
+from montessori_jax.config import OptimConfig
 from montessori_jax.core import model as model_lib
 from montessori_jax.core import optim, weights
 from montessori_jax.stages import sft
-from montessori_jax.bench.common import machine_info
-from montessori_jax.config import OptimConfig
 
 
 def _batches(n: int, batch: int, length: int, vocab: int, seed: int = 0) -> list[dict]:

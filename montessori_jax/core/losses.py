@@ -17,8 +17,8 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Arr
     return nll_BT.sum(-1), mask_BT.sum(-1)
 
 
-def mean_token_nll(logits_BTV, tokens_BT, loss_mask_BT):
-    """(sum, count) over the whole batch."""
+def batch_token_nll(logits_BTV, tokens_BT, loss_mask_BT):
+    """(nll_sum, count) over the whole batch: the token mean is their ratio, taken once."""
     s, c = token_nll(logits_BTV, tokens_BT, loss_mask_BT)
     return s.sum(), c.sum()
 

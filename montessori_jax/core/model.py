@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from montessori_jax.core.compat import make_param
+from montessori_jax.core.compat import logical_axes_of, make_param
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -320,7 +320,6 @@ def apply(graphdef: nnx.GraphDef, params: dict, *args, **kwargs):
 
 def logical_axes(cfg: LlamaConfig) -> dict[str, tuple]:
     """{param name: logical axis names}, from the abstract model (no memory)."""
-    from montessori_jax.core.compat import logical_axes_of
 
     state = nnx.state(abstract(cfg), nnx.Param)
     return {name: logical_axes_of(var) for name, var in state.items()}

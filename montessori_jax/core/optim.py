@@ -73,8 +73,14 @@ def continue_lr(cfg: OptimConfig, total_steps: int, step: int) -> float:
     return float(wsd_schedule(cfg, total_steps)(at))
 
 
+def decays(name: str) -> bool:
+    """Weight decay skips the norm scales (``decay_norms`` puts them back): the one rule for the
+    optimizer here and the influence kernel's explicit AdamW step."""
+    return "norm" not in name
+
+
 def _decay_mask(params: dict) -> dict:
-    return {name: "norm" not in name for name in params}
+    return {name: decays(name) for name in params}
 
 
 def adamw(cfg: OptimConfig, total_steps: int, learning_rate=None) -> optax.GradientTransformation:

@@ -13,9 +13,11 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from montessori_jax.core.compat import logical_axes_of, make_mesh as _make_mesh
+from montessori_jax.core.compat import logical_axes_of
+from montessori_jax.core.compat import make_mesh as _make_mesh
 from montessori_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ def merge_rules(overrides: Mapping[str, str | None] | None) -> dict:
             raise ConfigError(f"mesh.rules.{name}: {axis!r} is not a mesh axis; valid: {', '.join(MESH_AXES)}")
         rules[name] = axis
     return rules
+
+
+def mesh_and_rules(mesh_cfg) -> tuple[jax.sharding.Mesh, dict]:
+    """The mesh and the rules table of a ``MeshConfig`` (``cfg.mesh``): what every stage runs on."""
+    return (mesh_from_config(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), merge_rules(mesh_cfg.rules))
 
 
 def spec_for(

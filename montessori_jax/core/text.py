@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from montessori_jax.core.compat import gguf_tokenizer
 from montessori_jax.errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,8 +147,6 @@ def _load_tokenizer_cached(path: str):
         if os.path.isdir(path):
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         else:
-            from montessori_jax.core.compat import gguf_tokenizer
-
             tok = gguf_tokenizer(path)
     except Exception as e:  # transformers raises many types for a bad file
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -217,6 +216,11 @@ def stop_token_ids(tok) -> list[int]:
     """Ids that end generation: eos, then the template's end-of-turn token when distinct."""
     ids = [tok.eos_token_id, _end_of_turn_id(tok)]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def pad_id(tok) -> int:
+    """The id batches pad with: the tokenizer's pad token, else 0."""
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def encode_prompt(tok, prompt: str | list[dict], system: str | None = None) -> list[int]:

@@ -26,8 +26,11 @@ import numpy as np
 from flax import nnx
 
 from montessori_jax.core import model as model_lib
-from montessori_jax.errors import UserError
+from montessori_jax.core import sharding as sharding_lib
+from montessori_jax.core.compat import open_gguf
 from montessori_jax.core.model import LlamaConfig, RopeScaling
+from montessori_jax.core.text import embedded_smollm2_path
+from montessori_jax.errors import UserError
 
 EMBEDDED = "smollm2"
 
@@ -335,7 +338,6 @@ def _gguf_source(path: str, param_dtype: str, dtype: str) -> _Source:
         import gguf
     except ImportError:  # not on every machine (e.g. a bare GPU node)
         raise UserError("reading GGUF needs the `gguf` package: pip install gguf") from None
-    from montessori_jax.core.compat import open_gguf
 
     try:
         reader = open_gguf(path)
@@ -411,8 +413,6 @@ def _llama3_scaling_from_factors(cfg: LlamaConfig, factors: np.ndarray, path: st
 def resolve_path(path: str) -> str:
     """The checkpoint a model path names (``"smollm2"``: the embedded GGUF); it must exist."""
     if path == EMBEDDED:
-        from montessori_jax.core.text import embedded_smollm2_path
-
         return embedded_smollm2_path()
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder")
@@ -426,10 +426,6 @@ def _source(path: str, param_dtype: str, dtype: str) -> _Source:
     if path.endswith(".gguf"):
         return _gguf_source(path, param_dtype, dtype)
     raise UserError(f"{path}: expected an HF checkpoint folder or a .gguf file")
-
-
-def read_config(path: str, param_dtype: str = "float32", dtype: str = "float32") -> LlamaConfig:
-    return _source(path, param_dtype, dtype).cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +488,6 @@ def load_model(
 
     With a mesh, each parameter is placed by its logical axis names as it is read.
     """
-    from montessori_jax.core import sharding as sharding_lib
 
     src = _source(path, param_dtype, dtype)
     cfg = src.cfg.replace(remat=remat)

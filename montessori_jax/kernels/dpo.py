@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from montessori_jax.core import batching
+from montessori_jax.core import batching, optim, text
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import optim, text
 from montessori_jax.core.losses import token_nll
 from montessori_jax.errors import UserError
 

@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.core import batching
+from montessori_jax.core import batching, optim, text
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import text
-from montessori_jax.core.losses import mean_token_nll, token_nll_per_position
+from montessori_jax.core.losses import batch_token_nll, token_nll_per_position
 
 # ---------------------------------------------------------------------------------------------
 # The one AdamW step, as optax.adamw (+ clip_by_global_norm) computes it, on explicit state
@@ -73,7 +72,7 @@ def adamw_update(params: dict, grads: dict, mu: dict, nu: dict, count, hp: AdamH
         m = hp.b1 * mu[k] + (1 - hp.b1) * g
         v = hp.b2 * nu[k] + (1 - hp.b2) * g * g
         step = (m / bc1) / (jnp.sqrt(v / bc2) + hp.eps)
-        if hp.weight_decay and (hp.decay_norms or "norm" not in k):
+        if hp.weight_decay and (hp.decay_norms or optim.decays(k)):
             step = step + hp.weight_decay * params[k].astype(jnp.float32)
         delta[k] = -lr * step
     return delta
@@ -118,7 +117,7 @@ def ref_loss_sums(graphdef, params: dict, groups) -> tuple[jax.Array, jax.Array]
 
     def chunk(carry, b):
         logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        s, c = mean_token_nll(logits, b["tokens"], b["loss_mask"])
+        s, c = batch_token_nll(logits, b["tokens"], b["loss_mask"])
         return (carry[0] + s, carry[1] + c), None
 
     total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -164,7 +163,7 @@ def example_grads(graphdef, params: dict, ex: dict) -> dict:
 
     def loss(p):
         logits = model_lib.apply(graphdef, p, ex["tokens"][None], ex["positions"][None], ex["segment_ids"][None])
-        s, c = mean_token_nll(logits, ex["tokens"][None], ex["loss_mask"][None])
+        s, c = batch_token_nll(logits, ex["tokens"][None], ex["loss_mask"][None])
         return s / jnp.maximum(c, 1.0)
 
     return jax.grad(loss)(params)
@@ -238,7 +237,7 @@ def _sum_and_grad(graphdef, params, groups, remat: bool = True):
     def chunk(carry, b):
         def loss(p):
             logits = model_lib.apply(graphdef, p, b["tokens"], b["positions"], b["segment_ids"])
-            return mean_token_nll(logits, b["tokens"], b["loss_mask"])
+            return batch_token_nll(logits, b["tokens"], b["loss_mask"])
 
         (s, c), g = jax.value_and_grad(loss, has_aux=True)(params)
         s_acc, c_acc, g_acc = carry

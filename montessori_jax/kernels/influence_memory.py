@@ -11,7 +11,6 @@ import jax
 from montessori_jax.core import model as model_lib
 
 
-
 def device_memory_bytes() -> int:
     dev = jax.devices()[0]
     try:

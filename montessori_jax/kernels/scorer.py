@@ -10,9 +10,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax.core import batching
+from montessori_jax.core import batching, text
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import text
 from montessori_jax.core.losses import token_nll
 
 

@@ -33,8 +33,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 
+from montessori_jax.core import text
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.kernels.sampler import Sampler
+from montessori_jax.stages.generate import read_done
+from montessori_jax.stages.pairs import _rows
 
 # FastChat's llm_judge temperature_config (checked against lm-sys/FastChat common.py)
 MT_BENCH_TEMPERATURES = {
@@ -71,7 +75,6 @@ def _json_rows(path: str, split: str) -> list[tuple[str, dict]]:
                 raise UserError(f"{path}, item {i}: expected a JSON object")
             out.append((f"{path}, item {i}", row))
         return out
-    from montessori_jax.stages.pairs import _rows
 
     return list(_rows(path, split))
 
@@ -93,7 +96,6 @@ def load_alpaca_prompts(path: str, split: str = "eval") -> list[dict]:
 
 def load_mt_questions(path: str) -> list[dict]:
     """FastChat questions: ``[{"question_id", "category", "turns", "reference"?, "_where"}]``."""
-    from montessori_jax.files import read_jsonl
 
     out, seen = [], set()
     for row in read_jsonl(path):
@@ -137,7 +139,6 @@ def row_key(*parts) -> int:
 
 def _read_partial(path: str) -> dict[tuple[str, int], dict]:
     """Rows of a partial file by (id, turn); a line cut by a kill is dropped first."""
-    from montessori_jax.stages.generate import read_done
 
     read_done(path)  # cuts a truncated last line, checks every other one
     rows = {}
@@ -169,7 +170,6 @@ def fingerprint(obj) -> str:
 
 def _answer_round(sampler, tok, items, params, stop_ids, batch_size, system, f, progress_bar) -> None:
     """Answer ``items`` (dicts with ``id``, ``turn``, ``messages``, ``key``) and append a row each."""
-    from montessori_jax.core import text
 
     prompts = [text.encode_prompt(tok, it["messages"], system=system) for it in items]
     for idx, samples in sampler.generate_batches(prompts, params, stop_ids, batch_size=batch_size,
@@ -203,9 +203,6 @@ def write_alpaca_eval(get_model, tok, rows: Sequence[dict], out_dir: str, genera
     """
     from tqdm.auto import tqdm
 
-    from montessori_jax.core import text
-    from montessori_jax.kernels.sampler import Sampler
-
     final = os.path.join(out_dir, "model_outputs.json")
     partial = os.path.join(out_dir, "model_outputs.partial.jsonl")
     settings = {"generator": generator, "system": system, "params": _params_dict(params),
@@ -218,7 +215,7 @@ def write_alpaca_eval(get_model, tok, rows: Sequence[dict], out_dir: str, genera
             for i, r in enumerate(rows) if (json.dumps(i), 0) not in done]
     written = 0
     if todo:
-        sampler = Sampler(get_model(), pad_id=tok.pad_token_id or 0)
+        sampler = Sampler(get_model(), pad_id=text.pad_id(tok))
         bar = tqdm(total=len(todo), desc="alpaca_eval", unit="answer", disable=not progress)
         with open(partial, "a", encoding="utf-8") as f:
             _answer_round(sampler, tok, todo, params, text.stop_token_ids(tok), batch_size, system, f, bar)
@@ -262,9 +259,6 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
 
     from tqdm.auto import tqdm
 
-    from montessori_jax.core import text
-    from montessori_jax.kernels.sampler import Sampler
-
     temps = {q["category"]: mt_temperature(q["category"], temperatures) for q in questions}
     partial = out_path[: -len(".jsonl")] + ".partial.jsonl" if out_path.endswith(".jsonl") else out_path + ".partial"
     settings = {"model_id": model_id, "system": system, "params": _params_dict(params), "temperatures": temps,
@@ -277,7 +271,7 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
     todo_n = total - sum((json.dumps(q["question_id"]), t) in done for q in questions for t in range(len(q["turns"])))
     written = 0
     if todo_n:
-        sampler = Sampler(get_model(), pad_id=tok.pad_token_id or 0)
+        sampler = Sampler(get_model(), pad_id=text.pad_id(tok))
         stop_ids = text.stop_token_ids(tok)
         bar = tqdm(total=todo_n, desc="mt_bench", unit="answer", disable=not progress)
         with open(partial, "a", encoding="utf-8") as f:
@@ -318,7 +312,6 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
 
 def read_mt_answers(path: str) -> dict:
     """A FastChat answer file as {question_id key: {"model_id", "turns"}}; errors name the line."""
-    from montessori_jax.files import read_jsonl
 
     out = {}
     for row in read_jsonl(path):

@@ -46,14 +46,18 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax.core import batching
-from montessori_jax.core import model as model_lib
 from montessori_jax import faults
-from montessori_jax.core import optim, text
 from montessori_jax.config import Config, DPOConfig
+from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import model as model_lib
+from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
+from montessori_jax.files import read_jsonl, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import dpo as dpo_lib
-from montessori_jax.files import sha256_file, sha256_path, write_json_atomic, write_lines_atomic
+from montessori_jax.stages import metrics as metrics_lib
+from montessori_jax.stages import sft
+from montessori_jax.stages.metrics import read_rows
+from montessori_jax.stages.preferences import PAIRS_FILE
 
 # ---------------------------------------------------------------------------------------------
 # The reference log-prob cache
@@ -61,7 +65,6 @@ from montessori_jax.files import sha256_file, sha256_path, write_json_atomic, wr
 
 def weights_digest(path: str) -> str:
     """sha256 over a checkpoint's weight files: the .gguf, or config.json + *.safetensors."""
-    from montessori_jax.core import weights
 
     path = weights.resolve_path(path)
     if os.path.isdir(path) and not any(n.endswith(".safetensors") or n == "config.json" for n in os.listdir(path)):
@@ -164,9 +167,6 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def read_pairs(path: str) -> tuple[str, list[dict]]:
-    from montessori_jax.stages.preferences import PAIRS_FILE
-    from montessori_jax.files import read_jsonl
-
     if not path:
         raise UserError("dpo.pairs is not set (the pairs.jsonl of `montessori preferences`)")
     if os.path.isdir(path):
@@ -218,10 +218,6 @@ def _heldout(path: str, fingerprint: str, indices: list[int]) -> dict:
 def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     """DPO of ``cfg.teacher`` on ``cfg.dpo.pairs``; resumes from ``out_dir`` when a run was
     interrupted there. Returns a summary dict (also written to ``out_dir/summary.json``)."""
-    from montessori_jax.stages import metrics as metrics_lib
-    from montessori_jax.core import sharding, weights
-    from montessori_jax.stages import sft
-    from montessori_jax.core.checkpoint import Checkpoints
 
     dcfg: DPOConfig = cfg.dpo
     teacher = cfg.teacher
@@ -229,7 +225,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     weights.resolve_path(teacher.path)
     os.makedirs(out_dir, exist_ok=True)
     tok = text.load_tokenizer(teacher.path, teacher.chat_template, key="teacher.chat_template")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = text.pad_id(tok)
     encoded = [dpo_lib.encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], dcfg.system, dcfg.max_prompt_len,
                            dcfg.max_len) for r in rows]
     train_idx, held_idx = dpo_lib.split_pairs(len(encoded), dcfg.eval_fraction, cfg.seed)
@@ -249,8 +245,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     settings = _train_settings(dcfg, cfg.seed, teacher)
     fingerprint = _train_fingerprint(header["fingerprint"], settings)
 
-    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = sharding.merge_rules(cfg.mesh.rules)
+    mesh, rules = sharding.mesh_and_rules(cfg.mesh)
     model = weights.load_model(teacher.path, teacher.param_dtype, teacher.dtype, mesh, rules, teacher.remat)
     graphdef, params = model_lib.split_params(model)
     del model
@@ -382,7 +377,6 @@ def plot_dpo(metrics_path: str, png_path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from montessori_jax.stages.metrics import read_rows
 
     rows = [r for r in read_rows(metrics_path) if "loss" in r]
     if not rows:

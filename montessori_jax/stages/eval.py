@@ -47,9 +47,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from montessori_jax.config import GenerationConfig
+from montessori_jax.core import sharding, text, weights
 from montessori_jax.errors import UserError
 from montessori_jax.files import read_json, sha256_path, write_json_atomic, write_jsonl_atomic
+from montessori_jax.kernels.sampler import SamplingParams
+from montessori_jax.kernels.scorer import Scorer
+from montessori_jax.stages import answer_formats as af
 from montessori_jax.stages import data as data_lib
+from montessori_jax.stages import pairs as pairs_lib
+from montessori_jax.stages.generate import generate_jsonl, read_done, read_prompt_rows
+from montessori_jax.stages.openai_backend import answer_jsonl
+from montessori_jax.stages.pairs import conversation
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -61,7 +70,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def model_fingerprint(path: str) -> str:
     """SHA-256 over the model's files (names and contents): an HF folder's files, or one .gguf
     (``"smollm2"``: the embedded one). Costs one read of the weights."""
-    from montessori_jax.core import weights
 
     return sha256_path(weights.resolve_path(path))[:16]
 
@@ -87,8 +95,6 @@ def reference_nll(scorer, tok, pairs, *, system: str | None = None, max_len: int
     ``example_nll`` (mean of the rows' token means), ``ppl`` (exp of ref_nll), ``tokens``,
     ``rows``, ``truncated``, and ``per_row``: [{"id", "nll", "tokens"}] in input order.
     """
-    from montessori_jax.core import text
-    from montessori_jax.stages.pairs import conversation
 
     examples = []
     for p in pairs:
@@ -96,7 +102,7 @@ def reference_nll(scorer, tok, pairs, *, system: str | None = None, max_len: int
         if ex.loss_mask.sum() == 0:
             raise UserError(f"{p.where}: no answer tokens left to score (raise eval.max_len)")
         examples.append(ex)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = text.pad_id(tok)
     sums, counts = scorer.nll_sums(examples, batch_size, pad_id, progress=progress)
     per_row_mean = sums / counts
     ref_nll = float(sums.sum() / counts.sum())
@@ -161,12 +167,6 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     """
     import jax
 
-    from montessori_jax.stages import answer_formats as af
-    from montessori_jax.stages import pairs as pairs_lib
-    from montessori_jax.core import sharding, text, weights
-    from montessori_jax.kernels.sampler import SamplingParams
-    from montessori_jax.stages.generate import generate_jsonl, read_done
-
     t0 = time.perf_counter()
     ecfg = cfg.eval
     models = dict(models) if models else {"student": cfg.student.path}
@@ -190,8 +190,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     mt_questions = af.load_mt_questions(ecfg.mt_bench) if ecfg.mt_bench else None
 
     os.makedirs(out_dir, exist_ok=True)
-    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = sharding.merge_rules(cfg.mesh.rules)
+    mesh, rules = sharding.mesh_and_rules(cfg.mesh)
     sampling = SamplingParams(temperature=ecfg.temperature, top_p=ecfg.top_p,
                               max_new_tokens=ecfg.max_new_tokens, n=1, seed=cfg.seed)
     gcfg = cfg.generation
@@ -204,7 +203,6 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
                   "seed": "per prompt: request_seed(seed, row index)"}
     prompts_path = os.path.join(out_dir, "prompts.jsonl")
     if prompt_rows is not None:
-
         clean = [{k: v for k, v in r.items() if k != "_where"} for r in prompt_rows]
         write_jsonl_atomic(prompts_path, clean)
         prompts_digest = _digest(clean)
@@ -249,8 +247,6 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             tok = text.load_tokenizer(path, cfg.student.chat_template, key="student.chat_template")
             model = get_model()
             if nll is None:
-                from montessori_jax.kernels.scorer import Scorer
-
                 t_nll = time.perf_counter()
                 with jax.set_mesh(mesh):
                     nll = reference_nll(Scorer.of(model), tok, pairs, system=ecfg.system, max_len=ecfg.max_len,
@@ -261,10 +257,6 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
             if answers_todo:
                 t_ans = time.perf_counter()
                 if engine:
-                    from montessori_jax.config import GenerationConfig
-                    from montessori_jax.stages.openai_backend import answer_jsonl
-                    from montessori_jax.stages.generate import read_prompt_rows
-
                     params = GenerationConfig(temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=0,
                                               presence_penalty=0.0, max_new_tokens=ecfg.max_new_tokens)
                     answer_jsonl(gcfg, answers_path, read_prompt_rows(prompts_path), params, seed=cfg.seed,

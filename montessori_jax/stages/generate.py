@@ -145,7 +145,7 @@ def generate_jsonl(
         else:
             raise UserError(f"{where}: row {r['id']!r} has chat messages; they need the chat template")
     stop_ids = text.stop_token_ids(tokenizer)
-    sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id or 0)
+    sampler = sampler or Sampler(model, pad_id=text.pad_id(tokenizer))
 
     n_todo = sum(len(missing[r["index"]]) for r in todo)
     summary = {"rows": len(rows), "skipped": len(rows) * params.n - n_todo, "written": 0, "tokens": 0}

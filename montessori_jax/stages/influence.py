@@ -19,16 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax.core import batching
-from montessori_jax.kernels import influence as inf
-from montessori_jax.kernels import influence_memory
-from montessori_jax.stages import stats
-from montessori_jax.core import model as model_lib
 from montessori_jax import faults
-from montessori_jax.core import optim, text
 from montessori_jax.config import Config, InfluenceConfig, OptimConfig
+from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import model as model_lib
+from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
 from montessori_jax.files import PACKAGED_REFERENCE, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
+from montessori_jax.kernels import influence as inf
+from montessori_jax.kernels import influence_memory
+from montessori_jax.stages import pairs as pairs_lib
+from montessori_jax.stages import sft, stats
+from montessori_jax.stages.eval import model_fingerprint
+from montessori_jax.stages.sft import encode_pairs
 
 # the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
 _REF_CACHE: dict[tuple, dict] = {}
@@ -75,10 +78,6 @@ class WarmStudent:
 
 
 def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
-    from montessori_jax.stages import sft
-    from montessori_jax.core import weights
-    from montessori_jax.core.checkpoint import Checkpoints
-
     model = weights.load_model(warm["model"], warm.get("param_dtype", "float32"), warm.get("dtype", "float32"),
                                mesh, rules)
     cfg = model.cfg
@@ -98,8 +97,6 @@ def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
 
 
 def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Example]:
-    from montessori_jax.stages.sft import encode_pairs
-
     scfg = dataclasses.replace(Config().sft, system=icfg.system, max_len=max_len)
     return encode_pairs(tok, pairs, scfg)
 
@@ -128,7 +125,6 @@ def score_settings(icfg: InfluenceConfig, warm: dict, hp: inf.AdamHP, ref_path: 
     (warm_state.json's bytes and the step it points to), the probing and reference sets' bytes
     and the model files'. Batch sizes and memory settings are left out: they do not change
     the scores (beyond fp32 summation order, ~1e-8)."""
-    from montessori_jax.stages.eval import model_fingerprint
 
     def data(path):  # a file or saved dataset folder by content; a hub id by name
         return sha256_path(path) or f"name:{path}"
@@ -162,9 +158,6 @@ def check_settings(out_dir: str, settings: dict, n_done: int) -> None:
 
 
 def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
-    from montessori_jax.stages import pairs as pairs_lib
-    from montessori_jax.core import sharding
-
     icfg = cfg.influence
     if not icfg.warm_state:
         raise UserError("influence.warm_state is not set (the warm_state.json of `montessori sft`)")
@@ -175,8 +168,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     ref_path = icfg.reference or PACKAGED_REFERENCE
     ref_pairs = pairs_lib.load_pairs(ref_path)
 
-    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = sharding.merge_rules(cfg.mesh.rules)
+    mesh, rules = sharding.mesh_and_rules(cfg.mesh)
     hp = inf.AdamHP.from_warm_state(warm, icfg.lr, icfg.grad_clip)
     if not hp.lr > 0:
         raise UserError(f"{icfg.warm_state}: the warm-up leaves the lr at {hp.lr:g} (its schedule decayed to "
@@ -190,7 +182,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     with jax.set_mesh(mesh):
         student = load_warm_student(warm, mesh, rules)
         tok = student.tok
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad_id = text.pad_id(tok)
         probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
         ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
         ref = inf.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)

@@ -43,6 +43,7 @@ import numpy as np
 
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic
+from montessori_jax.stages.answer_formats import load_mt_questions, read_mt_answers
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 FAILED = -1
@@ -217,8 +218,6 @@ def _fill(template: str, key: str, **values) -> str:
 
 
 def _references(questions: Sequence[dict], path: str | None) -> dict[str, list[str]]:
-    from montessori_jax.stages.answer_formats import read_mt_answers
-
     refs = {json.dumps(q["question_id"]): q["reference"] for q in questions if q.get("reference")}
     if path:
         refs.update({k: v["turns"] for k, v in read_mt_answers(path).items()})
@@ -294,8 +293,6 @@ def run_judge(cfg, mode: str, questions_path: str, answer_paths: Sequence[str], 
     ``names`` labels the answer files (default: their ``model_id``, else the file name).
     Returns the summary (also ``out_dir/summary.json``)."""
     from tqdm.auto import tqdm
-
-    from montessori_jax.stages.answer_formats import load_mt_questions, read_mt_answers
 
     if mode not in ("single", "pairwise"):
         raise UserError(f"judge mode {mode!r}: expected 'single' or 'pairwise'")

@@ -116,32 +116,6 @@ def describe(cfg: BackendConfig, model: str) -> dict:
             "seed": "per prompt: request_seed(phase seed, row id)"}
 
 
-class OpenAIGenerator:
-    """The synthesis ``Generator`` over an OpenAI-compatible server (see the module doc)."""
-
-    def __init__(self, cfg: BackendConfig, *, system: str | None = None):
-        self.client = OpenAIClient(cfg)
-        self.system = system
-
-    @property
-    def settings(self) -> dict:
-        return describe(self.client.cfg, self.client.model)
-
-    def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
-        from montessori_jax.stages.synthesis.stage import Completion
-
-        def one(item):
-            prompt, row = item
-            msgs = ([{"role": "system", "content": self.system}] if self.system is not None else [])
-            msgs.append({"role": "user", "content": prompt})
-            if prefix:
-                msgs.append({"role": "assistant", "content": prefix})
-            got = self.client.chat(msgs, params, n=n, seed=request_seed(seed, row), continue_final=bool(prefix))
-            return [Completion(prefix + text, finish, tokens) for text, finish, tokens in got]
-
-        return self.client.map(one, list(zip(prompts, row_ids)))
-
-
 def answer_jsonl(cfg: BackendConfig, out_path: str, rows: list[dict], params: GenerationConfig, *, seed: int,
                  system: str | None = None, done: set | None = None) -> dict:
     """Eval answers through the server: one row per prompt row not yet in ``out_path`` (the

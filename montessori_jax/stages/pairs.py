@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from montessori_jax.errors import UserError
+from montessori_jax.files import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +24,6 @@ class Pair:
 def _rows(path: str, split: str):
     """(where, row) for a JSONL file, a saved HF dataset folder, or a hub id."""
     if os.path.isfile(path):
-        from montessori_jax.files import read_jsonl
-
         for row in read_jsonl(path):
             yield f"{path}, line {row.pop('_line')}", row
         return

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from montessori_jax.config import Config, PreferencesConfig
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -188,7 +188,6 @@ def join_scores(scores: Sequence[Mapping], records: Sequence[Mapping], score_fie
 
 def run_preferences(cfg: Config, out_dir: str) -> dict:
     """Read the scores and the probing records, write ``pairs.jsonl`` and ``summary.json``."""
-    from montessori_jax.files import read_jsonl
 
     pcfg: PreferencesConfig = cfg.preferences
     scores_path = _resolve(pcfg.scores, "scores.jsonl", "scores")

@@ -45,7 +45,7 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
     tok = text.load_tokenizer(model_path, chat_template, key="--chat-template")
     examples = [encode_score_row(tok, r, f"{input_path}, line {r['_line']}", max_len) for r in rows]
     model = weights.load_model(model_path, dtype=dtype)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = text.pad_id(tok)
     sums, counts = Scorer.of(model).nll_sums(examples, batch_size, pad_id, progress=True)
 
     def out_rows():

@@ -36,7 +36,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
+from montessori_jax.kernels.sampler import Sampler, SamplingParams
 
 log = logging.getLogger("montessori_jax.stages.serve")
 
@@ -103,8 +105,6 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, name: str, batch_window_ms: float = 15.0, max_batch: int = 64,
                  seed: int | None = None):
-        from montessori_jax.core import text
-        from montessori_jax.kernels.sampler import Sampler
 
         if max_batch < 1:
             raise UserError(f"max_batch={max_batch}: expected an integer >= 1")
@@ -112,7 +112,7 @@ class Engine:
             raise UserError(f"batch_window_ms={batch_window_ms}: expected a number >= 0")
         self.tokenizer = tokenizer
         self.name = name
-        self.sampler = Sampler(model, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.sampler = Sampler(model, pad_id=text.pad_id(tokenizer))
         self.context = model.cfg.max_position_embeddings
         self.vocab_size = model.cfg.vocab_size
         self.stop_ids = text.stop_token_ids(tokenizer)
@@ -214,8 +214,6 @@ class Engine:
                     job.done([results[id(job)][i] for i in range(len(job.prompts))])
 
     def _call(self, call: list[tuple[Job, int]]) -> list[list[RowResult]]:
-        from montessori_jax.kernels.sampler import SamplingParams
-
         job0 = call[0][0]
         greedy = job0.temperature == 0
         params = SamplingParams(
@@ -319,7 +317,6 @@ def _message_text(content) -> str:
 
 def encode_chat(tok, req) -> list[int]:
     """The prompt ids of a chat request under the model's chat template."""
-    from montessori_jax.core import text
 
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
             for m in req.messages]
@@ -472,7 +469,7 @@ def create_app(engine: Engine):
     """The FastAPI app over a started-on-startup ``engine``."""
     import contextlib
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -636,8 +633,6 @@ def load_engine(model_path: str, *, name: str | None = None, batch_window_ms: fl
     """Load the model and tokenizer once; ``name`` (default: the path's last part) is the id
     clients pass as ``model``."""
     import os
-
-    from montessori_jax.core import text, weights
 
     tok = text.load_tokenizer(model_path)
     model = weights.load_model(model_path, param_dtype=param_dtype, dtype=dtype)

@@ -22,18 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from montessori_jax.core import batching
-from montessori_jax.core import model as model_lib
 from montessori_jax import faults
-from montessori_jax.core import optim, text
+from montessori_jax.config import Config, SFTConfig, diff_dicts
+from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
-from montessori_jax.config import Config, SFTConfig
+from montessori_jax.core.losses import batch_token_nll
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic
-from montessori_jax.core.losses import mean_token_nll
+from montessori_jax.kernels.scorer import Scorer
+from montessori_jax.stages import metrics as metrics_lib
+from montessori_jax.stages import pairs as pairs_lib
 
 # ---------------------------------------------------------------------------------------------
 # The step
@@ -48,7 +51,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
 
     def loss_sum(params, mb):
         logits = model_lib.apply(graphdef, params, mb["tokens"], mb["positions"], mb["segment_ids"])
-        return mean_token_nll(logits, mb["tokens"], mb["loss_mask"])
+        return batch_token_nll(logits, mb["tokens"], mb["loss_mask"])
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -115,7 +118,6 @@ def _fingerprint(rows: Sequence[batching.Row], settings: dict) -> str:
 def changed_settings(saved: dict | None, settings: dict) -> str:
     """``" (changed: dpo.max_steps 3 -> 5, ...)"``: the dotted keys whose values differ from the
     settings a checkpoint recorded; empty when it recorded none or none differ."""
-    from montessori_jax.config import diff_dicts
 
     if not saved:
         return ""
@@ -148,16 +150,12 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sft") -> dict:
     """Train ``cfg.student`` on ``cfg.<section>``'s data; resume from ``out_dir`` if a run was
     interrupted there. Returns a summary dict (also written to ``out_dir/summary.json``)."""
-    from montessori_jax.stages import metrics as metrics_lib
-    from montessori_jax.stages import pairs as pairs_lib
-    from montessori_jax.core import sharding, weights
-    from montessori_jax.kernels.scorer import Scorer
 
     scfg: SFTConfig = getattr(cfg, section)
     model_cfg = cfg.student
     os.makedirs(out_dir, exist_ok=True)
     tok = text.load_tokenizer(model_cfg.path, model_cfg.chat_template, key="student.chat_template")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = text.pad_id(tok)
 
     examples = encode_pairs(tok, pairs_lib.load_pairs(scfg.data, scfg.split, scfg.prompt_field, scfg.response_field), scfg)
     train_ex, eval_ex = split_eval(examples, scfg.eval_fraction, cfg.seed)
@@ -177,8 +175,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     settings = _settings(scfg, section, model_cfg.path)
     fingerprint = _fingerprint(rows, settings)
 
-    mesh = sharding.mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = sharding.merge_rules(cfg.mesh.rules)
+    mesh, rules = sharding.mesh_and_rules(cfg.mesh)
     model = weights.load_model(model_cfg.path, model_cfg.param_dtype, model_cfg.dtype, mesh, rules, model_cfg.remat)
     graphdef, params = model_lib.split_params(model)
     del model

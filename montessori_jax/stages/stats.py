@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties)."""
 

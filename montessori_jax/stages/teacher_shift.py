@@ -22,11 +22,10 @@ import os
 
 import numpy as np
 
-from montessori_jax.stages import influence as influence_stage
 from montessori_jax.config import Config
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic, write_jsonl_atomic
-from montessori_jax.files import read_jsonl
+from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.stages import influence as influence_stage
 
 SOURCES = ("initial", "optimized")
 BOOTSTRAP_SAMPLES = 4000

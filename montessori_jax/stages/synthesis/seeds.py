@@ -35,7 +35,6 @@ DEFAULT_POOL = "default"
 FIELDS = SEED_FIELDS
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SeedTask:
     """One seed task; ``where`` names its origin (``FILE, line N`` or ``DATASET, row N``)."""

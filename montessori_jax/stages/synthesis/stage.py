@@ -38,10 +38,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from montessori_jax import faults
-from montessori_jax.core import text
-from montessori_jax.config import ModelConfig
+from montessori_jax.config import BackendConfig, ModelConfig
+from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic, write_jsonl_atomic
+from montessori_jax.kernels.sampler import Sampler, SamplingParams
+from montessori_jax.stages import openai_backend
 from montessori_jax.stages.synthesis import prompts as prompts_lib
 from montessori_jax.stages.synthesis import records as records_lib
 from montessori_jax.stages.synthesis.config import GenerationConfig, SynthesisConfig
@@ -82,29 +84,21 @@ class TeacherGenerator:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, system: str | None = None):
-        from montessori_jax.core import text
-        from montessori_jax.kernels.sampler import Sampler
-
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.system = system
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = text.pad_id(tokenizer)
         self.sampler = Sampler(model, pad_id=pad)
         self.stop_ids = text.stop_token_ids(tokenizer)
 
     @classmethod
     def load(cls, teacher: ModelConfig | str, *, batch_size: int = 64) -> "TeacherGenerator":
-        from montessori_jax.core import text, weights
-
         cfg = ModelConfig(path=teacher) if isinstance(teacher, str) else teacher
         tokenizer = text.load_tokenizer(cfg.path, cfg.chat_template, key="teacher.chat_template")
         model = weights.load_model(cfg.path, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
         return cls(model, tokenizer, batch_size=batch_size)
 
     def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
-        from montessori_jax.core import text
-        from montessori_jax.kernels.sampler import SamplingParams
-
         forced = list(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
         ids = [text.encode_prompt(self.tokenizer, p, system=self.system) + forced for p in prompts]
         sp = SamplingParams(
@@ -122,6 +116,31 @@ class TeacherGenerator:
 
 # ---------------------------------------------------------------------------------------------
 # The stage
+
+
+class OpenAIGenerator:
+    """The synthesis ``Generator`` over an OpenAI-compatible server (see ``openai_backend``)."""
+
+    def __init__(self, cfg: BackendConfig, *, system: str | None = None):
+        self.client = openai_backend.OpenAIClient(cfg)
+        self.system = system
+
+    @property
+    def settings(self) -> dict:
+        return openai_backend.describe(self.client.cfg, self.client.model)
+
+    def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
+        def one(item):
+            prompt, row = item
+            msgs = ([{"role": "system", "content": self.system}] if self.system is not None else [])
+            msgs.append({"role": "user", "content": prompt})
+            if prefix:
+                msgs.append({"role": "assistant", "content": prefix})
+            got = self.client.chat(msgs, params, n=n, seed=openai_backend.request_seed(seed, row),
+                                   continue_final=bool(prefix))
+            return [Completion(prefix + text, finish, tokens) for text, finish, tokens in got]
+
+        return self.client.map(one, list(zip(prompts, row_ids)))
 
 
 def phase_seed(seed: int, iteration: int, phase: int) -> int:
@@ -366,8 +385,6 @@ def run_synthesize(cfg, out_dir: str, *, progress: bool = True) -> dict:
     ``generation.backend`` (with ``openai``, the teacher is the server's model, recorded as
     ``openai:MODEL@BASE_URL``)."""
     if cfg.generation.backend == "openai":
-        from montessori_jax.stages.openai_backend import OpenAIGenerator
-
         gen = OpenAIGenerator(cfg.generation)
         teacher = f"openai:{gen.client.model}@{cfg.generation.base_url}"
         return synthesize(cfg.synthesis, out_dir, teacher=teacher, seed=cfg.seed, generator=gen, progress=progress)
