@@ -252,7 +252,8 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
             teacher = w.teacher(k, arm)
             pairs = j(pref_dir, "pairs.jsonl")
             inputs = {"teacher": _model_file(teacher.path), "pairs": pairs}
-            n_pairs = sum(1 for line in open(pairs, encoding="utf-8") if line.strip())
+            with open(pairs, encoding="utf-8") as f:
+                n_pairs = sum(1 for line in f if line.strip())
             if n_pairs == 0:
                 # nothing to prefer: the teacher goes on unchanged (the summary says so)
                 os.makedirs(d, exist_ok=True)

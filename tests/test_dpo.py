@@ -15,7 +15,8 @@ from montessori_jax.config import DPOOptimConfig
 from montessori_jax.core import model as M
 from montessori_jax.core import optim, sharding, text, weights
 from montessori_jax.kernels import dpo as dpo_lib
-from montessori_jax.stages import dpo, sft
+from montessori_jax.kernels import train_step
+from montessori_jax.stages import dpo
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 LOG2 = math.log(2.0)
@@ -229,8 +230,8 @@ def test_cached_reference_equals_live_reference(steps, tmp_path):
     np.testing.assert_array_equal(ref[1], again[1])
     tx = steps["tx"]
     batch = dpo_lib.make_batch(pairs, [0, 2, 4, 5], 4, 4, 0, ref)
-    s_cached, m_cached = steps["cached"](sft.init_state(_copy(policy), tx), batch)
-    s_live, m_live = steps["live"](sft.init_state(_copy(policy), tx), batch, ref_params)
+    s_cached, m_cached = steps["cached"](train_step.init_state(_copy(policy), tx), batch)
+    s_live, m_live = steps["live"](train_step.init_state(_copy(policy), tx), batch, ref_params)
     assert abs(float(m_cached["loss"]) - LOG2) > 1e-3  # policy != reference
     for k in m_cached:
         assert float(m_cached[k]) == pytest.approx(float(m_live[k]), rel=1e-6, abs=1e-6), k
@@ -244,7 +245,7 @@ def test_one_step_raises_the_margin(steps):
     batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0)
     lp = np.asarray(steps["logps"](params, batch))
     batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, (lp[:4], lp[4:]))
-    state, m = steps["cached"](sft.init_state(_copy(params), steps["tx"]), batch)  # lr 1e-3
+    state, m = steps["cached"](train_step.init_state(_copy(params), steps["tx"]), batch)  # lr 1e-3
     # policy = reference: every reward is 0, the loss log 2, no pair yet ranked right
     assert float(m["loss"]) == pytest.approx(LOG2, abs=1e-6)
     assert float(m["rewards/margin"]) == 0.0 and float(m["rewards/accuracy"]) == 0.0
@@ -262,8 +263,8 @@ def test_accumulation_equals_one_big_batch(steps):
     ref = (np.asarray([-30.0, -40.0, -35.0, -20.0], np.float32), np.asarray([-31.0, -38.0, -36.0, -22.0], np.float32))
     tx, step = steps["tx"], steps["cached"]
     # 3 real pairs: the last micro-batch is half padding, which must not count
-    s1, m1 = step(sft.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 4, 0, ref))
-    s2, m2 = step(sft.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 2, 0, ref))
+    s1, m1 = step(train_step.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 4, 0, ref))
+    s2, m2 = step(train_step.init_state(_copy(params), tx), dpo_lib.make_batch(pairs, [0, 1, 2], 4, 2, 0, ref))
     assert float(m1["pairs"]) == float(m2["pairs"]) == 3
     for k in m1:
         assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6), k
@@ -280,18 +281,18 @@ def test_sharded_equals_unsharded(steps, tmp_path):
     ref = _ref(steps["logps"], ref_params, pairs, tmp_path)
     tx, step = steps["tx"], steps["cached"]
     batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, ref)
-    s_one, m_one = step(sft.init_state(_copy(params), tx), batch)
+    s_one, m_one = step(train_step.init_state(_copy(params), tx), batch)
 
     mesh = sharding.mesh_from_config(2, 2, 2)
     shardings = sharding.dict_shardings(params, M.logical_axes(CFG), mesh)
 
     def put(b):
-        return jax.device_put(b, sft.batch_shardings(mesh, sharding.DEFAULT_RULES, b))
+        return jax.device_put(b, train_step.batch_shardings(mesh, sharding.DEFAULT_RULES, b))
 
     with jax.set_mesh(mesh):
         ref_sharded = dpo.reference_logps(str(tmp_path / "sharded.jsonl"), {"fingerprint": "s"}, pairs,
                                           steps["logps"], jax.device_put(_copy(ref_params), shardings), 4, 0, put)
-        state = sft.init_state(jax.device_put(_copy(params), shardings), tx)
+        state = train_step.init_state(jax.device_put(_copy(params), shardings), tx)
         b = put(batch)
         assert b["tokens"].sharding.spec[1] == ("data", "fsdp")  # the 8 rows split over 4 devices
         state, m = step(state, b)
@@ -337,7 +338,7 @@ def test_heldout_eval_at_the_reference_then_after_training(steps, tmp_path):
             assert before["loss"] == pytest.approx(LOG2, abs=1e-6)
             assert before["margin"] == 0.0 and before["reward_accuracy"] == 0.0
     # train on all four (the held-out pair among them) at lr 1e-3: its margin rises
-    state = sft.init_state(_copy(params), steps["tx"])
+    state = train_step.init_state(_copy(params), steps["tx"])
     batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, ref)
     for _ in range(3):
         state, _ = steps["cached"](state, batch)

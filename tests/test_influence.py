@@ -13,9 +13,9 @@ from conftest import tiny_torch_llama
 from montessori_jax.config import OptimConfig
 from montessori_jax.core import batching, optim, text, weights
 from montessori_jax.core import model as M
-from montessori_jax.kernels import influence as inf
-from montessori_jax.kernels import influence_memory
-from montessori_jax.stages import sft, stats
+from montessori_jax.kernels import influence as influence_lib
+from montessori_jax.kernels import influence_memory, train_step
+from montessori_jax.stages import stats
 
 
 def _examples(n, seed, vocab, lo=6, hi=30):
@@ -33,8 +33,8 @@ def _warm(graphdef, params, ocfg, steps=3, vocab=96, seed=10):
     """A real warm state: a few SFT steps (of a longer schedule, so its lr is still the peak),
     so the Adam moments are non-trivial."""
     tx = optim.adamw(ocfg, 100)
-    step = sft.make_train_step(graphdef, tx)
-    state = sft.init_state(jax.tree.map(jnp.array, params), tx)
+    step = train_step.make_train_step(graphdef, tx)
+    state = train_step.init_state(jax.tree.map(jnp.array, params), tx)
     for s in range(steps):
         rows = batching.rows_from_examples(_examples(4, seed + s, vocab))
         state, _ = step(state, batching.global_batch(rows, [0, 1, 2, 3], 4, 4, (32,), 0))
@@ -54,14 +54,14 @@ def warm_tiny(tmp_path_factory):
     graphdef, params = M.split_params(weights.load_model(str(folder)))
     state, tx, mu, nu, count = _warm(graphdef, params, OCFG)
     probes = _examples(6, 100, 96)
-    ref = inf.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=3, pad_id=0)
-    hp = inf.AdamHP(lr=OCFG.lr, b1=OCFG.b1, b2=OCFG.b2, eps=OCFG.eps, weight_decay=OCFG.weight_decay,
+    ref = influence_lib.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=3, pad_id=0)
+    hp = influence_lib.AdamHP(lr=OCFG.lr, b1=OCFG.b1, b2=OCFG.b2, eps=OCFG.eps, weight_decay=OCFG.weight_decay,
                     grad_clip=OCFG.grad_clip)
     # compiled once for the module; the lr is an argument of the programs
     return dict(folder=folder, graphdef=graphdef, state=state, tx=tx, mu=mu, nu=nu, count=count,
-                probes=probes, ref=ref, hp=hp, exact=inf.make_exact(graphdef, hp),
-                baseline=inf.make_baseline(graphdef), first_order=inf.make_first_order(graphdef, hp),
-                ref_grad=inf.make_ref_grad(graphdef))
+                probes=probes, ref=ref, hp=hp, exact=influence_lib.make_exact(graphdef, hp),
+                baseline=influence_lib.make_baseline(graphdef), first_order=influence_lib.make_first_order(graphdef, hp),
+                ref_grad=influence_lib.make_ref_grad(graphdef))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def warm_unclipped(warm_tiny):
     """The same warm state, with an influence step that does not clip (influence.grad_clip: null,
     the original's one step)."""
     hp = dataclasses.replace(warm_tiny["hp"], grad_clip=None)
-    return dict(warm_tiny, hp=hp, exact=inf.make_exact(warm_tiny["graphdef"], hp))
+    return dict(warm_tiny, hp=hp, exact=influence_lib.make_exact(warm_tiny["graphdef"], hp))
 
 
 def _probe_batch(examples, B):
@@ -93,8 +93,8 @@ def test_adamw_update_is_the_students_own_optimizer(warm_tiny):
     params = w["state"]["params"]
     hp = w["hp"]
     b = {k: v[0] for k, v in _probe_batch(w["probes"][:1], 1)[0][1].items()}
-    grads = inf.example_grads(w["graphdef"], params, b)
-    ours = inf.adamw_update(params, grads, w["mu"], w["nu"], w["count"], hp)
+    grads = influence_lib.example_grads(w["graphdef"], params, b)
+    ours = influence_lib.adamw_update(params, grads, w["mu"], w["nu"], w["count"], hp)
     updates, _ = w["tx"].update(grads, w["state"]["opt_state"], params)
     for k in params:
         np.testing.assert_allclose(np.asarray(ours[k]), np.asarray(updates[k]), rtol=1e-5, atol=1e-9)
@@ -110,7 +110,7 @@ def test_vmap_equals_python_loop(warm_tiny):
 
 def test_scores_do_not_depend_on_ref_chunk_size(warm_tiny):
     a = _exact_scores(warm_tiny, 1e-4, B=2)
-    ref5 = inf.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=5, pad_id=0)
+    ref5 = influence_lib.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=5, pad_id=0)
     b = _exact_scores(warm_tiny, 1e-4, B=2, ref=ref5)
     assert np.abs(a - b).max() <= 1e-6
 
@@ -194,8 +194,8 @@ def test_influence_step_clips_only_when_asked(warm_tiny, warm_unclipped):
     assert np.any(np.sign(clipped) != np.sign(plain))  # here clipping even flips a sign
     warm = {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "decay_norms": False,
             "grad_clip": 1.0}
-    assert inf.AdamHP.from_warm_state(warm).grad_clip is None
-    assert inf.AdamHP.from_warm_state(warm, grad_clip=0.5).grad_clip == 0.5
+    assert influence_lib.AdamHP.from_warm_state(warm).grad_clip is None
+    assert influence_lib.AdamHP.from_warm_state(warm, grad_clip=0.5).grad_clip == 0.5
 
 
 def test_noise_floor_of_the_exact_estimator(warm_tiny):
@@ -236,11 +236,11 @@ def test_jvp_matches_the_dot_product(warm_tiny):
     w = warm_tiny
     params = w["state"]["params"]
     b = {k: v[0] for k, v in _probe_batch(w["probes"][:1], 1)[0][1].items()}
-    grads = inf.example_grads(w["graphdef"], params, b)
-    delta = inf.adamw_update(params, grads, w["mu"], w["nu"], w["count"], w["hp"], 1e-5)
+    grads = influence_lib.example_grads(w["graphdef"], params, b)
+    delta = influence_lib.adamw_update(params, grads, w["mu"], w["nu"], w["count"], w["hp"], 1e-5)
 
     def L(p):
-        s, c = inf.ref_loss_sums(w["graphdef"], p, w["ref"].groups)
+        s, c = influence_lib.ref_loss_sums(w["graphdef"], p, w["ref"].groups)
         return s / c
 
     _, directional = jax.jvp(L, (params,), (delta,))
@@ -256,8 +256,8 @@ def test_ref_grad_does_not_depend_on_remat_or_chunk_size(warm_tiny):
     w = warm_tiny
     params = w["state"]["params"]
     loss_a, g_a = w["ref_grad"](params, w["ref"].groups)  # 3 rows per chunk, remat
-    one_row = inf.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=1, pad_id=0)
-    loss_b, g_b = inf.make_ref_grad(w["graphdef"], remat=False)(params, one_row.groups)
+    one_row = influence_lib.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=1, pad_id=0)
+    loss_b, g_b = influence_lib.make_ref_grad(w["graphdef"], remat=False)(params, one_row.groups)
     assert abs(float(loss_a) - float(loss_b)) <= 1e-6
     for k in params:
         scale = float(jnp.abs(g_a[k]).max())

@@ -18,7 +18,7 @@ from conftest import tiny_torch_llama
 from montessori_jax.config import OptimConfig
 from montessori_jax.core import batching, optim, sharding, text, weights
 from montessori_jax.core import model as M
-from montessori_jax.stages import sft
+from montessori_jax.kernels import train_step
 
 CFG = M.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 
@@ -55,8 +55,8 @@ def test_adamw_three_steps_match_torch(tmp_path):
                        stable_ratio=0.2, decay_ratio=0.4, min_lr_ratio=0.1, grad_clip=0.5)
     n_steps = 3
     tx = optim.adamw(ocfg, n_steps)
-    step = sft.make_train_step(graphdef, tx)
-    state = sft.init_state(params, tx)
+    step = train_step.make_train_step(graphdef, tx)
+    state = train_step.init_state(params, tx)
     batches = [_batch(_examples(3, seed=s), micro=3) for s in range(n_steps)]
 
     decay = [p for n, p in tm.named_parameters() if "norm" not in n]
@@ -99,10 +99,10 @@ def test_accumulation_equals_one_big_batch():
     import optax
 
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-    step = sft.make_train_step(graphdef, tx)
+    step = train_step.make_train_step(graphdef, tx)
     ex = _examples(4, seed=1)
-    s1, m1 = step(sft.init_state(_copy(params), tx), _batch(ex, micro=4))
-    s2, m2 = step(sft.init_state(_copy(params), tx), _batch(ex, micro=2))
+    s1, m1 = step(train_step.init_state(_copy(params), tx), _batch(ex, micro=4))
+    s2, m2 = step(train_step.init_state(_copy(params), tx), _batch(ex, micro=2))
     assert float(m1["tokens"]) == float(m2["tokens"]) == sum(e.loss_mask.sum() for e in ex)
     assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-6
     assert float(m1["grad_norm"]) > 0.1
@@ -116,9 +116,9 @@ def test_accumulation_equals_one_big_batch():
 def test_token_mean_is_over_the_global_batch_not_a_mean_of_means():
     graphdef, params = _params()
     tx = optim.adamw(OptimConfig(), 10)
-    step = sft.make_train_step(graphdef, tx)
+    step = train_step.make_train_step(graphdef, tx)
     ex = _examples(4, seed=2)
-    _, m = step(sft.init_state(_copy(params), tx), _batch(ex, micro=2))
+    _, m = step(train_step.init_state(_copy(params), tx), _batch(ex, micro=2))
     per_ex = []
     for e in ex:
         b = _batch([e], micro=1)
@@ -165,15 +165,15 @@ def test_sharded_step_equals_single_device():
     cfg = CFG.replace(d_model=64, n_heads=8, n_kv_heads=4, ffn_dim=96)
     graphdef, params = _params(cfg=cfg)
     tx = optim.adamw(OptimConfig(lr=1e-3), 10)
-    step = sft.make_train_step(graphdef, tx)
+    step = train_step.make_train_step(graphdef, tx)
     batch = _batch(_examples(8, seed=4), micro=4)
-    ref_state, ref_m = step(sft.init_state(_copy(params), tx), batch)
+    ref_state, ref_m = step(train_step.init_state(_copy(params), tx), batch)
     mesh = sharding.mesh_from_config(2, 2, 2)
     shardings = sharding.dict_shardings(params, M.logical_axes(cfg), mesh)
     placed = jax.device_put(_copy(params), shardings)
     with jax.set_mesh(mesh):
-        state = sft.init_state(placed, tx)
-        b = jax.device_put(batch, sft.batch_shardings(mesh, sharding.DEFAULT_RULES, batch))
+        state = train_step.init_state(placed, tx)
+        b = jax.device_put(batch, train_step.batch_shardings(mesh, sharding.DEFAULT_RULES, batch))
         state, m = step(state, b)
     assert state["params"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert abs(float(m["loss"]) - float(ref_m["loss"])) <= 1e-5

@@ -24,7 +24,7 @@ from montessori_jax.config import DPOOptimConfig
 from montessori_jax.core import model as model_lib
 from montessori_jax.core import optim, text, weights
 from montessori_jax.kernels import dpo as dpo_lib
-from montessori_jax.stages import sft
+from montessori_jax.kernels import train_step
 
 
 def _pairs(n: int, length: int, vocab: int, seed: int = 0) -> list[dpo_lib.PairExample]:
@@ -78,7 +78,7 @@ def bench_dpo(model: str = "smollm2", random: str | None = None, batch: int = 2,
 
     def time_ours(live: bool):
         step = dpo_lib.make_train_step(graphdef, tx, beta, live_reference=live)
-        state = sft.init_state(_copy(params), tx)
+        state = train_step.init_state(_copy(params), tx)
         extra = (params,) if live else ()
         t0 = time.perf_counter()
         state, m = step(state, batches[0], *extra)

@@ -30,9 +30,9 @@ from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.core.losses import batch_token_nll
 from montessori_jax.errors import UserError
 from montessori_jax.files import SHARED_DATA_ENV, shared_data_path
-from montessori_jax.kernels import influence as inf
-from montessori_jax.kernels import influence_memory
-from montessori_jax.stages import sft, stats
+from montessori_jax.kernels import influence as influence_lib
+from montessori_jax.kernels import influence_memory, train_step
+from montessori_jax.stages import stats
 
 ORIGINAL_LEN = 1024
 
@@ -60,6 +60,58 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def _original_procedure(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per_chunk, pad):
+    """(a) The original code's loop, per probe: reload the warm state from disk, one step on the
+    probe, one pass over D_ref. Returns (compile seconds, reload, step and reference-pass
+    seconds per probe, and each probe's influence)."""
+    params = state["params"]
+    like = state
+    step_a = train_step.make_train_step(graphdef, tx)
+    ref_rows = batching.rows_from_examples(ref_ex)
+    ref_batches = [batching.pad_rows(ref_rows[i:i + ref_rows_per_chunk], ref_rows_per_chunk, ORIGINAL_LEN, pad)
+                   for i in range(0, len(ref_rows), ref_rows_per_chunk)]
+
+    def ref_pass_fn(params, b):
+        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
+        return batch_token_nll(logits, b["tokens"], b["loss_mask"])
+
+    ref_pass_jit = jax.jit(ref_pass_fn)
+
+    def ref_pass(params):
+        s = c = 0.0
+        for b in ref_batches:
+            bs, bc = ref_pass_jit(params, b)
+            s, c = s + float(bs), c + float(bc)
+        return s / c
+
+    def one_example_batch(e):
+        return batching.global_batch([batching.rows_from_examples([e])[0]], [0], 1, 1, (ORIGINAL_LEN,), pad)
+
+    t0 = time.perf_counter()  # compile (a)'s two programs, outside the timings
+    jax.block_until_ready(ref_pass_jit(params, ref_batches[0]))
+    warm_copy = jax.tree.map(jnp.copy, state)
+    jax.block_until_ready(step_a(warm_copy, one_example_batch(probes[0]))[0]["params"])
+    compile_a = time.perf_counter() - t0
+    before = ref_pass(params)
+    reload_s, step_s, refpass_s, original = [], [], [], []
+    for e in probes:
+        t0 = time.perf_counter()
+        restored, _ = ckpts.restore(like, step=1)
+        jax.block_until_ready(restored)
+        t1 = time.perf_counter()
+        new, _ = step_a(restored, one_example_batch(e))
+        jax.block_until_ready(new["params"])
+        t2 = time.perf_counter()
+        after = ref_pass(new["params"])
+        t3 = time.perf_counter()
+        reload_s.append(t1 - t0)
+        step_s.append(t2 - t1)
+        refpass_s.append(t3 - t2)
+        original.append(before - after)
+        del new, restored
+    return compile_a, reload_s, step_s, refpass_s, original
+
+
 def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, n_original: int = 3,
                     lr: float = 5e-6, batch_size: int | None = None, ref_rows_per_chunk: int = 4,
                     ref_path: str | None = None, probe_path: str | None = None, progress: bool = True) -> dict:
@@ -81,47 +133,44 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     probes = [text.encode_example(tok, p, r, max_len=ORIGINAL_LEN) for p, r in _seed_task_pairs(probe_path, n_probe)]
     warm_ex = [text.encode_example(tok, p, r, max_len=256) for p, r in _seed_task_pairs(probe_path, 4, skip=n_probe)]
     ref_ex = [text.encode_example(tok, p, r, max_len=ORIGINAL_LEN) for p, r in _ref_pairs(ref_path, n_ref)]
-    ref = inf.make_ref_set(ref_ex, ref_rows_per_chunk, pad)
+    ref = influence_lib.make_ref_set(ref_ex, ref_rows_per_chunk, pad)
 
     # the warm state: one warm-up step at the influence lr, saved to disk for (a); no gradient
     # clipping, as the original's one step (influence.grad_clip's default)
     ocfg = OptimConfig(lr=lr, warmup_ratio=1.0, stable_ratio=0.0, decay_ratio=0.0, grad_clip=None)
     tx = optim.adamw(ocfg, 1, learning_rate=lr)
-    step_fn = sft.make_train_step(graphdef, tx)
+    step_fn = train_step.make_train_step(graphdef, tx)
     rows = batching.rows_from_examples(warm_ex)
-    state, _ = step_fn(sft.init_state(params, tx), batching.global_batch(rows, [0, 1, 2, 3], 4, 4, (256,), pad))
+    state, _ = step_fn(train_step.init_state(params, tx), batching.global_batch(rows, [0, 1, 2, 3], 4, 4, (256,), pad))
     del params
-    hp = inf.AdamHP(lr=lr, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
+    hp = influence_lib.AdamHP(lr=lr, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
                     grad_clip=ocfg.grad_clip)
-    workdir = tempfile.mkdtemp(prefix="bench-influence-")
-    ckpts = Checkpoints(os.path.join(workdir, "warm"))
-    ckpts.save(1, state, {"step": 1}, wait=True)
-    sp = state["params"]
+    params = state["params"]
     mu, nu, count = optim.adam_moments(state["opt_state"])
 
     # (b) exact, vmapped
     probe_len = batching.bucket_length(max(len(e) for e in probes))
     ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
-    B, mem = (batch_size, None) if batch_size else influence_memory.choose_batch(cfg, len(probes), probe_len, ref_rows_per_chunk,
-                                                                    ref_len, 0.5)
+    B, mem = (batch_size, None) if batch_size else influence_memory.choose_batch(
+        cfg, len(probes), probe_len, ref_rows_per_chunk, ref_len, 0.5)
     say(f"(b) exact: {len(probes)} probes, B={B}, D_ref {ref.n_rows} rows / {ref.n_tokens} target tokens")
     batches = list(batching.batches(probes, B, pad_id=pad))
     t0 = time.perf_counter()
-    base_fn = inf.make_baseline(graphdef).lower(sp, ref.groups).compile()
+    base_fn = influence_lib.make_baseline(graphdef).lower(params, ref.groups).compile()
     compile_base = time.perf_counter() - t0
-    (baseline, base_nll), t_base = _timed(base_fn, sp, ref.groups)
-    exact_fn = inf.make_exact(graphdef, hp)
+    (baseline, base_nll), t_base = _timed(base_fn, params, ref.groups)
+    exact_fn = influence_lib.make_exact(graphdef, hp)
     t0 = time.perf_counter() - compile_base
     compiled = {}
     for _, b in batches:
         shape = b["tokens"].shape
         if shape not in compiled:
-            compiled[shape] = exact_fn.lower(sp, mu, nu, count, b, ref.groups, base_nll, lr).compile()
+            compiled[shape] = exact_fn.lower(params, mu, nu, count, b, ref.groups, base_nll, lr).compile()
     compile_b = time.perf_counter() - t0
     exact = np.zeros(len(probes))
     t0 = time.perf_counter()
     for idx, b in batches:
-        drop, _ = compiled[b["tokens"].shape](sp, mu, nu, count, b, ref.groups, base_nll, lr)
+        drop, _ = compiled[b["tokens"].shape](params, mu, nu, count, b, ref.groups, base_nll, lr)
         exact[idx] = np.asarray(drop)[: len(idx)]
         say(f"  {len(idx)} examples, {time.perf_counter() - t0:.1f} s so far")
     t_exact = time.perf_counter() - t0 + t_base
@@ -129,74 +178,37 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     # (c) first order
     say("(c) first-order")
     plan = influence_memory.plan_ref_grad(cfg, ref_len, ref_rows_per_chunk, 0.5)
-    grad_ref = inf.make_ref_set(ref_ex, plan["rows_per_chunk"], pad)
+    grad_ref = influence_lib.make_ref_set(ref_ex, plan["rows_per_chunk"], pad)
     say(f"  grad L_ref: {plan['rows_per_chunk']} row(s) per chunk, remat {plan['remat']}")
-    grad_fn = inf.make_ref_grad(graphdef, plan["remat"])
+    grad_fn = influence_lib.make_ref_grad(graphdef, plan["remat"])
     t0 = time.perf_counter()
-    grad_c = grad_fn.lower(sp, grad_ref.groups).compile()
-    fo_fn = inf.make_first_order(graphdef, hp)
+    grad_c = grad_fn.lower(params, grad_ref.groups).compile()
+    fo_fn = influence_lib.make_first_order(graphdef, hp)
     fo_compiled = {}
     for _, b in batches:
         if b["tokens"].shape not in fo_compiled:
-            fo_compiled[b["tokens"].shape] = fo_fn.lower(sp, mu, nu, count, b, jax.eval_shape(lambda: sp), lr).compile()
+            fo_compiled[b["tokens"].shape] = fo_fn.lower(params, mu, nu, count, b, jax.eval_shape(lambda: params),
+                                                           lr).compile()
     compile_c = time.perf_counter() - t0
-    (_, g_ref), t_gref = _timed(grad_c, sp, grad_ref.groups)
+    (_, g_ref), t_gref = _timed(grad_c, params, grad_ref.groups)
     first = np.zeros(len(probes))
     t0 = time.perf_counter()
     for idx, b in batches:
-        first[idx] = np.asarray(fo_compiled[b["tokens"].shape](sp, mu, nu, count, b, g_ref, lr))[: len(idx)]
+        first[idx] = np.asarray(fo_compiled[b["tokens"].shape](params, mu, nu, count, b, g_ref, lr))[: len(idx)]
     t_fo_examples = time.perf_counter() - t0
     t_first = t_gref + t_fo_examples
     del g_ref
 
     # (a) the original procedure
     say(f"(a) original: {n_original} examples")
-    like = state
-    step_a = sft.make_train_step(graphdef, tx)
-    ref_rows = batching.rows_from_examples(ref_ex)
-    ref_batches = [batching.pad_rows(ref_rows[i:i + ref_rows_per_chunk], ref_rows_per_chunk, ORIGINAL_LEN, pad)
-                   for i in range(0, len(ref_rows), ref_rows_per_chunk)]
-
-    def ref_pass_fn(params, b):
-        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-
-        return batch_token_nll(logits, b["tokens"], b["loss_mask"])
-
-    ref_pass_jit = jax.jit(ref_pass_fn)
-
-    def ref_pass(params):
-        s = c = 0.0
-        for b in ref_batches:
-            bs, bc = ref_pass_jit(params, b)
-            s, c = s + float(bs), c + float(bc)
-        return s / c
-
-    def one_example_batch(e):
-        return batching.global_batch([batching.rows_from_examples([e])[0]], [0], 1, 1, (ORIGINAL_LEN,), pad)
-
-    t0 = time.perf_counter()  # compile (a)'s two programs, outside the timings
-    jax.block_until_ready(ref_pass_jit(sp, ref_batches[0]))
-    warm_copy = jax.tree.map(jnp.copy, state)
-    jax.block_until_ready(step_a(warm_copy, one_example_batch(probes[0]))[0]["params"])
-    compile_a = time.perf_counter() - t0
-    before = ref_pass(sp)
-    reload_s, step_s, refpass_s, original = [], [], [], []
-    for e in probes[:n_original]:
-        t0 = time.perf_counter()
-        restored, _ = ckpts.restore(like, step=1)
-        jax.block_until_ready(restored)
-        t1 = time.perf_counter()
-        new, _ = step_a(restored, one_example_batch(e))
-        jax.block_until_ready(new["params"])
-        t2 = time.perf_counter()
-        after = ref_pass(new["params"])
-        t3 = time.perf_counter()
-        reload_s.append(t1 - t0)
-        step_s.append(t2 - t1)
-        refpass_s.append(t3 - t2)
-        original.append(before - after)
-        del new, restored
-    ckpts.close()
+    with tempfile.TemporaryDirectory(prefix="bench-influence-") as workdir:
+        ckpts = Checkpoints(os.path.join(workdir, "warm"))
+        try:
+            ckpts.save(1, state, {"step": 1}, wait=True)
+            compile_a, reload_s, step_s, refpass_s, original = _original_procedure(
+                graphdef, tx, state, ckpts, ref_ex, probes[:n_original], ref_rows_per_chunk, pad)
+        finally:
+            ckpts.close()
     per_a = float(np.mean(np.array(reload_s) + np.array(step_s) + np.array(refpass_s)))
     per_b = t_exact / len(probes)
     per_c = t_first / len(probes)

@@ -15,7 +15,7 @@ from montessori_jax.bench.common import machine_info
 from montessori_jax.config import OptimConfig
 from montessori_jax.core import model as model_lib
 from montessori_jax.core import optim, weights
-from montessori_jax.stages import sft
+from montessori_jax.kernels import train_step
 
 
 def _batches(n: int, batch: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -48,8 +48,8 @@ def bench_sft(model: str = "smollm2", batch: int = 4, length: int = 256, steps: 
         weights.save_hf(ours, os.path.join(tmp, "m"))
         del ours
         tx = optim.adamw(ocfg, warmup + steps)
-        step = sft.make_train_step(graphdef, tx)
-        state = sft.init_state(params, tx)
+        step = train_step.make_train_step(graphdef, tx)
+        state = train_step.init_state(params, tx)
         del params
         t0 = time.perf_counter()
         state, m = step(state, data[0])

@@ -54,6 +54,7 @@ from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
 from montessori_jax.files import read_jsonl, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import dpo as dpo_lib
+from montessori_jax.kernels import train_step
 from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages import sft
 from montessori_jax.stages.metrics import read_rows
@@ -251,7 +252,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     del model
 
     def put(batch):
-        return jax.device_put(batch, sft.batch_shardings(mesh, rules, batch))
+        return jax.device_put(batch, train_step.batch_shardings(mesh, rules, batch))
 
     heldout_path = os.path.join(out_dir, HELDOUT_FILE)
     with jax.set_mesh(mesh):
@@ -275,7 +276,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
                 write_json_atomic(heldout_path, heldout)
 
             tx = optim.adamw(dcfg.optim, total)
-            state = sft.init_state(params, tx)
+            state = train_step.init_state(params, tx)
             del params
             step_fn = dpo_lib.make_train_step(graphdef, tx, dcfg.beta)
             start = 0

@@ -26,10 +26,10 @@ from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
 from montessori_jax.files import PACKAGED_REFERENCE, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
-from montessori_jax.kernels import influence as inf
-from montessori_jax.kernels import influence_memory
+from montessori_jax.kernels import influence as influence_lib
+from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import pairs as pairs_lib
-from montessori_jax.stages import sft, stats
+from montessori_jax.stages import stats
 from montessori_jax.stages.eval import model_fingerprint
 from montessori_jax.stages.sft import encode_pairs
 
@@ -84,7 +84,7 @@ def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
     graphdef, params = model_lib.split_params(model)
     del model
     tx = optim.adamw(OptimConfig(**warm["schedule"]), warm["total_steps"])
-    like = sft.init_state(params, tx)
+    like = train_step.init_state(params, tx)
     ckpts = Checkpoints(warm["checkpoint"])
     try:
         state, _ = ckpts.restore(like, step=warm["step"])
@@ -119,7 +119,7 @@ def _done_ids(path: str) -> set:
     return done
 
 
-def score_settings(icfg: InfluenceConfig, warm: dict, hp: inf.AdamHP, ref_path: str) -> dict:
+def score_settings(icfg: InfluenceConfig, warm: dict, hp: influence_lib.AdamHP, ref_path: str) -> dict:
     """What every score depends on: the estimator, the one step (lr, clipping), the dtype the
     params are held in, the lengths and fields the texts are encoded with, the warm state
     (warm_state.json's bytes and the step it points to), the probing and reference sets' bytes
@@ -157,6 +157,26 @@ def check_settings(out_dir: str, settings: dict, n_done: int) -> None:
     write_json_atomic(path, settings)
 
 
+def _score_row(pid, seed_prompt, cols: dict, j: int, baseline: float, icfg: InfluenceConfig) -> dict:
+    """One scores.jsonl row from the j-th entries of a batch's columns (``drop``, ``unchanged``,
+    ``drop32``, ``pred``: those the estimator computed)."""
+    want_exact = icfg.estimator in ("exact", "both")
+    row = {"id": pid, "seed_prompt": seed_prompt}
+    if want_exact:
+        drop = float(cols["drop"][j])
+        row.update(influence=drop, ref_loss_after=baseline - drop, estimator="exact")
+        if "drop32" in cols:
+            row.update(param_dtype=icfg.param_dtype, unchanged_fraction=float(cols["unchanged"][j]),
+                       influence_fp32=float(cols["drop32"][j]))
+    if "pred" in cols:
+        fo = float(cols["pred"][j])
+        if want_exact:
+            row.update(influence_first_order=fo, estimator="both")
+        else:
+            row.update(influence=fo, ref_loss_predicted=baseline - fo, estimator="first_order")
+    return row
+
+
 def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
     icfg = cfg.influence
     if not icfg.warm_state:
@@ -169,7 +189,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     ref_pairs = pairs_lib.load_pairs(ref_path)
 
     mesh, rules = sharding.mesh_and_rules(cfg.mesh)
-    hp = inf.AdamHP.from_warm_state(warm, icfg.lr, icfg.grad_clip)
+    hp = influence_lib.AdamHP.from_warm_state(warm, icfg.lr, icfg.grad_clip)
     if not hp.lr > 0:
         raise UserError(f"{icfg.warm_state}: the warm-up leaves the lr at {hp.lr:g} (its schedule decayed to "
                         "min_lr_ratio), so one step on any example changes nothing; set influence.lr, or "
@@ -185,7 +205,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         pad_id = text.pad_id(tok)
         probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
         ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
-        ref = inf.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)
+        ref = influence_lib.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)
         ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
@@ -200,7 +220,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
 
         want_exact = icfg.estimator in ("exact", "both")
         want_fo = icfg.estimator in ("first_order", "both")
-        sp = student.params
+        params = student.params
         # L_ref and its gradient depend on the warm state and D_ref alone: a second scoring of
         # other probes on the same warm student (the teacher shift) reuses them in-process
         # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
@@ -210,14 +230,14 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         _REF_CACHE.clear()
         _REF_CACHE[ref_key] = cached
         if "baseline" not in cached:
-            cached["baseline"] = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+            cached["baseline"] = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
         baseline, base_nll = cached["baseline"]
         baseline = float(baseline)
-        exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
+        exact_fn = influence_lib.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
         if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
-            exact32 = inf.make_exact(student.graphdef, hp)
-            _, base_nll32 = inf.make_baseline(student.graphdef)(sp, ref.groups)
+            exact32 = influence_lib.make_exact(student.graphdef, hp)
+            _, base_nll32 = influence_lib.make_baseline(student.graphdef)(params, ref.groups)
         g_ref = None
         if want_fo:
             plan = influence_memory.plan_ref_grad(student.cfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction)
@@ -225,12 +245,12 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                 print(f"influence: grad L_ref over {plan['rows_per_chunk']} reference row(s) per chunk, "
                       f"{'with' if plan['remat'] else 'without'} remat (estimated "
                       f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
-            grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else inf.make_ref_set(
+            grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else influence_lib.make_ref_set(
                 ref_examples, plan["rows_per_chunk"], pad_id)
             if "g_ref" not in cached:
-                cached["g_ref"] = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)[1]
+                cached["g_ref"] = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)[1]
             g_ref = cached["g_ref"]
-        fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
+        fo_fn = influence_lib.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0
         bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
@@ -241,29 +261,17 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                 with prof:
                     cols = {}
                     if want_exact:
-                        drop, unchanged = jax.device_get(exact_fn(sp, student.mu, student.nu, student.count,
+                        drop, unchanged = jax.device_get(exact_fn(params, student.mu, student.nu, student.count,
                                                                   batch, ref.groups, base_nll, hp.lr))
                         cols["drop"], cols["unchanged"] = drop, unchanged
                     if check_fp32:
-                        cols["drop32"] = jax.device_get(exact32(sp, student.mu, student.nu, student.count,
+                        cols["drop32"] = jax.device_get(exact32(params, student.mu, student.nu, student.count,
                                                                 batch, ref.groups, base_nll32, hp.lr))[0]
                     if want_fo:
-                        cols["pred"] = jax.device_get(fo_fn(sp, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
+                        cols["pred"] = jax.device_get(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
                 for j, local in enumerate(idx):
                     i = todo[local]
-                    row = {"id": ids[i], "seed_prompt": probe_pairs[i].row.get("seed_prompt")}
-                    if want_exact:
-                        drop = float(cols["drop"][j])
-                        row.update(influence=drop, ref_loss_after=baseline - drop, estimator="exact")
-                        if check_fp32:
-                            row.update(param_dtype=icfg.param_dtype, unchanged_fraction=float(cols["unchanged"][j]),
-                                       influence_fp32=float(cols["drop32"][j]))
-                    if want_fo:
-                        fo = float(cols["pred"][j])
-                        if want_exact:
-                            row.update(influence_first_order=fo, estimator="both")
-                        else:
-                            row.update(influence=fo, ref_loss_predicted=baseline - fo, estimator="first_order")
+                    row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)
                     out.write(json.dumps(row) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
@@ -280,8 +288,13 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     return summary
 
 
+def _score_rows(scores_path: str) -> list[dict]:
+    with open(scores_path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> dict:
-    rows = [json.loads(line) for line in open(scores_path)]
+    rows = _score_rows(scores_path)
     infl = np.array([r["influence"] for r in rows], np.float64)
     s = {
         "n": len(rows),
@@ -320,7 +333,7 @@ def plot_histogram(scores_path: str, png_path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in open(scores_path)]
+    rows = _score_rows(scores_path)
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)

@@ -19,11 +19,7 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from montessori_jax import faults
@@ -31,66 +27,12 @@ from montessori_jax.config import Config, SFTConfig, diff_dicts
 from montessori_jax.core import batching, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
-from montessori_jax.core.losses import batch_token_nll
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic
+from montessori_jax.kernels import train_step
 from montessori_jax.kernels.scorer import Scorer
 from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages import pairs as pairs_lib
-
-# ---------------------------------------------------------------------------------------------
-# The step
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
-
-    batch arrays are [A, M, T]: A micro-batches whose gradients of the *summed* token loss are
-    accumulated, then divided once by the global target count (exact token mean).
-    """
-
-    def loss_sum(params, mb):
-        logits = model_lib.apply(graphdef, params, mb["tokens"], mb["positions"], mb["segment_ids"])
-        return batch_token_nll(logits, mb["tokens"], mb["loss_mask"])
-
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
-
-    def step(state, batch):
-        params = state["params"]
-
-        def micro(carry, mb):
-            g_acc, s_acc, c_acc = carry
-            (s, c), g = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (g, s, c), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
-        denom = jnp.maximum(c, 1.0)
-        g = jax.tree.map(lambda x: x / denom, g)
-        updates, opt_state = tx.update(g, state["opt_state"], params)
-        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-        metrics = {"loss": s / denom, "tokens": c, "grad_norm": optax.global_norm(g),
-                   "lr": optim.current_lr(opt_state)}
-        return new, metrics
-
-    return jax.jit(step, donate_argnums=0)
-
-
-def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
-    return {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
-
-
-def batch_shardings(mesh, rules, batch) -> dict:
-    """[A, M, T]: the micro-batch axis over the data-parallel mesh axes when it divides."""
-    axes = rules.get("batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    out = {}
-    for k, v in batch.items():
-        spec = P(None, axes if (n > 1 and v.shape[1] % n == 0) else None, *([None] * (v.ndim - 2)))
-        out[k] = NamedSharding(mesh, spec)
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # The stage
@@ -171,7 +113,6 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     total = steps_per_epoch * scfg.epochs
     if scfg.max_steps is not None:
         total = min(total, scfg.max_steps)
-    buckets = batching.DEFAULT_BUCKETS
     settings = _settings(scfg, section, model_cfg.path)
     fingerprint = _fingerprint(rows, settings)
 
@@ -181,64 +122,37 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     del model
     tx = optim.adamw(scfg.optim, total)
     with jax.set_mesh(mesh):
-        state = init_state(params, tx)
-    step_fn = make_train_step(graphdef, tx)
+        state = train_step.init_state(params, tx)
+    step_fn = train_step.make_train_step(graphdef, tx)
 
     ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
-    start = 0
-    if ckpts.latest_step() is not None:
-        meta = ckpts.restore_meta()
-        if meta.get("fingerprint") != fingerprint:
-            raise UserError(f"{out_dir}: holds a run with other data or settings"
-                            f"{changed_settings(meta.get('settings'), settings)}; use a new --out or remove it")
-        state, meta = ckpts.restore(state)
-        start = int(meta["step"])
-    log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
-    scorer = Scorer(graphdef, state["params"]) if eval_ex else None
+    try:
+        start = 0
+        if ckpts.latest_step() is not None:
+            meta = ckpts.restore_meta()
+            if meta.get("fingerprint") != fingerprint:
+                raise UserError(f"{out_dir}: holds a run with other data or settings"
+                                f"{changed_settings(meta.get('settings'), settings)}; use a new --out or remove it")
+            state, meta = ckpts.restore(state)
+            start = int(meta["step"])
+        log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
+        scorer = Scorer(graphdef, state["params"]) if eval_ex else None
 
-    def eval_loss(step):
-        s, c = scorer.nll_sums(eval_ex, M, pad_id, params=state["params"])
-        value = float(s.sum() / max(c.sum(), 1))
-        log.write({"step": step, "eval_loss": value})
-        return value
+        def eval_loss(step, params):
+            s, c = scorer.nll_sums(eval_ex, M, pad_id, params=params)
+            value = float(s.sum() / max(c.sum(), 1))
+            log.write({"step": step, "eval_loss": value})
+            return value
 
-    bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
-    pending, t_last = [], time.perf_counter()
-    order, order_epoch = None, None
-    step = start
-    with jax.set_mesh(mesh):
-        while step < total:
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
-                order, order_epoch = batching.epoch_order(rows, G, cfg.seed, epoch), epoch
-            idx = order[k]
-            batch = batching.global_batch(rows, idx, G, M, buckets, pad_id)
-            batch = jax.device_put(batch, batch_shardings(mesh, rules, batch))
-            state, m = step_fn(state, batch)
-            step += 1
-            pending.append((step, m))
-            if step % scfg.log_every == 0 or step == total:
-                host = jax.device_get([m for _, m in pending])
-                now = time.perf_counter()
-                n_tok = sum(float(h["tokens"]) for h in host)
-                for (s_, _), h in zip(pending, host):
-                    log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
-                               "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
-                               "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
-                bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
-                pending, t_last = [], now
-            if scfg.eval_every and scorer and step % scfg.eval_every == 0:
-                eval_loss(step)
-            if step % scfg.save_every == 0 or step == total:
-                log.flush()
-                ckpts.save(step, state, {"step": step, "fingerprint": fingerprint, "settings": settings},
-                           wait=step == total)
-                faults.point("sft.checkpoint")
-            bar.update(1)
-    bar.close()
-    ckpts.close()
+        bar = tqdm(total=total, initial=start, desc=f"sft ({section})", unit="step", disable=not progress)
+        state, step = _train(state, step_fn, start, total, steps_per_epoch, rows, scfg, cfg.seed, pad_id, mesh, rules,
+                             log, ckpts, {"fingerprint": fingerprint, "settings": settings}, bar,
+                             eval_loss if scorer else None)
+        bar.close()
+    finally:
+        ckpts.close()  # an interrupted run still finishes the checkpoint it was writing
 
-    final_eval = eval_loss(step) if scorer else None
+    final_eval = eval_loss(step, state["params"]) if scorer else None
     last_lr = float(optim.current_lr(state["opt_state"])) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
     o = scfg.optim
     # lr: what one more step (the influence step) continues at; see optim.continue_lr
@@ -261,3 +175,44 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
                "model": export_dir, "warm_state": os.path.join(out_dir, "warm_state.json")}
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
+
+
+def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig, seed, pad_id, mesh, rules,
+           log, ckpts, meta, bar, eval_loss):
+    """Steps start..total: global batches in each epoch's order, metrics read to the host every
+    ``log_every`` steps, the eval loss every ``eval_every``, checkpoints every ``save_every``.
+    Returns (state, the last step)."""
+    G = scfg.batch_size
+    M = scfg.micro_batch_size or G
+    pending, t_last = [], time.perf_counter()
+    order, order_epoch = None, None
+    step = start
+    with jax.set_mesh(mesh):
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
+                order, order_epoch = batching.epoch_order(rows, G, seed, epoch), epoch
+            idx = order[k]
+            batch = batching.global_batch(rows, idx, G, M, batching.DEFAULT_BUCKETS, pad_id)
+            batch = jax.device_put(batch, train_step.batch_shardings(mesh, rules, batch))
+            state, m = step_fn(state, batch)
+            step += 1
+            pending.append((step, m))
+            if step % scfg.log_every == 0 or step == total:
+                host = jax.device_get([m for _, m in pending])
+                now = time.perf_counter()
+                n_tok = sum(float(h["tokens"]) for h in host)
+                for (s_, _), h in zip(pending, host):
+                    log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
+                               "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
+                               "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
+                bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
+                pending, t_last = [], now
+            if scfg.eval_every and eval_loss and step % scfg.eval_every == 0:
+                eval_loss(step, state["params"])
+            if step % scfg.save_every == 0 or step == total:
+                log.flush()
+                ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
+                faults.point("sft.checkpoint")
+            bar.update(1)
+    return state, step

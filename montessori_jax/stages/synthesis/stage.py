@@ -101,11 +101,11 @@ class TeacherGenerator:
     def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
         forced = list(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
         ids = [text.encode_prompt(self.tokenizer, p, system=self.system) + forced for p in prompts]
-        sp = SamplingParams(
+        sampling = SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             presence_penalty=params.presence_penalty, max_new_tokens=params.max_new_tokens, n=n, seed=seed,
         )
-        out = self.sampler.generate(ids, sp, self.stop_ids, batch_size=self.batch_size, row_ids=row_ids)
+        out = self.sampler.generate(ids, sampling, self.stop_ids, batch_size=self.batch_size, row_ids=row_ids)
         return [[self._completion(s, prefix) for s in samples] for samples in out]
 
     def _completion(self, sample, prefix: str) -> Completion:
