@@ -12,6 +12,7 @@ length-sorted batches of examples; ``global_batch`` lays a train step's rows out
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -151,6 +152,16 @@ def batches(
         rows = rows_from_examples([examples[i] for i in idx])
         length = bucket_length(max(len(r) for r in rows), buckets)
         yield idx, pad_rows(rows, batch_size, length, pad_id)
+
+
+def step_plan(n_rows: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a training run: whole epochs of global batches (the last
+    one partial), cut at ``max_steps``."""
+    steps_per_epoch = math.ceil(n_rows / batch_size)
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    return steps_per_epoch, total
 
 
 def epoch_order(rows: Sequence[Row], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Sequence
@@ -239,10 +238,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
 
     G = dcfg.batch_size
     M = dcfg.micro_batch_size or G
-    steps_per_epoch = math.ceil(len(train) / G)
-    total = steps_per_epoch * dcfg.epochs
-    if dcfg.max_steps is not None:
-        total = min(total, dcfg.max_steps)
+    steps_per_epoch, total = batching.step_plan(len(train), G, dcfg.epochs, dcfg.max_steps)
     settings = _train_settings(dcfg, cfg.seed, teacher)
     fingerprint = _train_fingerprint(header["fingerprint"], settings)
 

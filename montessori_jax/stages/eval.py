@@ -153,6 +153,24 @@ def _answers_stats(path: str) -> dict:
             "mean_answer_tokens": float(np.mean([r["num_tokens"] for r in rows])) if rows else None}
 
 
+def _inputs(cfg, ecfg):
+    """The eval pairs, the prompts to answer (None without ``eval.answers``), the sets they must
+    not repeat and the overlap report, read and checked before anything is written: (data path,
+    pairs, prompt rows, others, overlap)."""
+    data_path = data_lib.resolve_data(ecfg.data)
+    pairs = pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)
+    prompt_rows = None
+    if ecfg.answers:
+        prompt_rows = data_lib.load_prompt_rows(ecfg.prompts) if ecfg.prompts else data_lib.prompts_from_pairs(pairs)
+    sets = {"data": (data_path, [(p.where, data_lib.prompt_text(p.prompt)) for p in pairs])}
+    if ecfg.answers and ecfg.prompts:
+        sets["prompts"] = (ecfg.prompts, [(r["_where"], data_lib.prompt_text(r.get("prompt") or r.get("messages")))
+                                          for r in prompt_rows])
+    others = data_lib.overlap_sets(cfg, ecfg)
+    overlap = data_lib.check_overlap(sets, others, ecfg.on_overlap)
+    return data_path, pairs, prompt_rows, others, overlap
+
+
 def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """Evaluate each model of ``models`` (name -> path; default ``{"student": cfg.student.path}``)
     with ``cfg.eval``, writing into ``out_dir``; resumes a run there. Every model is loaded with
@@ -175,17 +193,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
         weights.resolve_path(path)
     template = text.read_chat_template(cfg.student.chat_template, "student.chat_template")
 
-    data_path = data_lib.resolve_data(ecfg.data)
-    pairs = pairs_lib.load_pairs(data_path, ecfg.split, ecfg.prompt_field, ecfg.response_field)
-    prompt_rows = None
-    if ecfg.answers:
-        prompt_rows = data_lib.load_prompt_rows(ecfg.prompts) if ecfg.prompts else data_lib.prompts_from_pairs(pairs)
-    sets = {"data": (data_path, [(p.where, data_lib.prompt_text(p.prompt)) for p in pairs])}
-    if ecfg.answers and ecfg.prompts:
-        sets["prompts"] = (ecfg.prompts, [(r["_where"], data_lib.prompt_text(r.get("prompt") or r.get("messages")))
-                                          for r in prompt_rows])
-    others = data_lib.overlap_sets(cfg, ecfg)
-    overlap = data_lib.check_overlap(sets, others, ecfg.on_overlap)
+    data_path, pairs, prompt_rows, others, overlap = _inputs(cfg, ecfg)
     alpaca_rows = af.load_alpaca_prompts(ecfg.alpaca_eval, ecfg.alpaca_eval_split) if ecfg.alpaca_eval else None
     mt_questions = af.load_mt_questions(ecfg.mt_bench) if ecfg.mt_bench else None
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Sequence
@@ -109,10 +108,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
 
     G = scfg.batch_size
     M = scfg.micro_batch_size or G
-    steps_per_epoch = math.ceil(len(rows) / G)
-    total = steps_per_epoch * scfg.epochs
-    if scfg.max_steps is not None:
-        total = min(total, scfg.max_steps)
+    steps_per_epoch, total = batching.step_plan(len(rows), G, scfg.epochs, scfg.max_steps)
     settings = _settings(scfg, section, model_cfg.path)
     fingerprint = _fingerprint(rows, settings)
 
