@@ -27,8 +27,24 @@ from montessori_jax.errors import UserError
 from montessori_jax.files import sha256_file, sha256_path, write_json_atomic, write_lines_atomic
 
 PACKAGED_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference.jsonl")
-# the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
+# L_ref pieces of the last warm state kept for a later scoring on it in this process (the
+# teacher shift): key -> {"baseline": ..., "g_ref": ...}, each (host copy, device shardings), so
+# that grad L_ref holds no device memory while other stages run
 _REF_CACHE: dict[tuple, dict] = {}
+
+
+def _keep(cached: dict, name: str, value) -> None:
+    cached[name] = (jax.device_get(value), jax.tree.map(lambda x: x.sharding, value))
+
+
+def _take(cached: dict, name: str):
+    host, shardings = cached[name]
+    return jax.device_put(host, shardings)
+
+
+def release_reference() -> None:
+    """Forget the kept L_ref pieces (after the last scoring that needs them)."""
+    _REF_CACHE.clear()
 
 
 def _stamp(path: str) -> tuple[str, int]:
@@ -157,7 +173,10 @@ def check_settings(out_dir: str, settings: dict, n_done: int) -> None:
     write_json_atomic(path, settings)
 
 
-def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
+def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None,
+                  keep_reference: bool = False) -> dict:
+    """Scores every probing example of ``cfg.influence``. ``keep_reference``: keep L_ref's baseline
+    and gradient (on the host) for a later scoring on the same warm student in this process."""
     from montessori_jax import pairs as pairs_lib
     from montessori_jax import sharding
 
@@ -210,12 +229,16 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
         ref_key = (_stamp(icfg.warm_state), warm["step"], _stamp(ref_path), icfg.ref_max_len,
                    icfg.ref_batch_size, icfg.system, icfg.param_dtype, icfg.memory_fraction)
-        cached = _REF_CACHE.get(ref_key, {})
+        cached = _REF_CACHE.pop(ref_key, {})
         _REF_CACHE.clear()
-        _REF_CACHE[ref_key] = cached
-        if "baseline" not in cached:
-            cached["baseline"] = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
-        baseline, base_nll = cached["baseline"]
+        if keep_reference:
+            _REF_CACHE[ref_key] = cached
+        if "baseline" in cached:
+            baseline, base_nll = _take(cached, "baseline")
+        else:
+            baseline, base_nll = inf.make_baseline(student.graphdef, p_dtype)(sp, ref.groups)
+            if keep_reference:
+                _keep(cached, "baseline", (baseline, base_nll))
         baseline = float(baseline)
         exact_fn = inf.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
@@ -231,9 +254,12 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                       f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
             grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else inf.make_ref_set(
                 ref_examples, plan["rows_per_chunk"], pad_id)
-            if "g_ref" not in cached:
-                cached["g_ref"] = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)[1]
-            g_ref = cached["g_ref"]
+            if "g_ref" in cached:
+                g_ref = _take(cached, "g_ref")
+            else:
+                g_ref = inf.make_ref_grad(student.graphdef, plan["remat"])(sp, grad_ref.groups)[1]
+                if keep_reference:
+                    _keep(cached, "g_ref", g_ref)
         fo_fn = inf.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0
