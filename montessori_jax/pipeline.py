@@ -237,7 +237,8 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
         def run():
             icfg = dataclasses.replace(cfg.influence, warm_state=j(warm_dir, "warm_state.json"),
                                        probe=j(synth_dir, "probe.jsonl"))
-            s = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg), d, progress=progress)
+            s = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg), d, progress=progress,
+                                              keep_reference=cfg.run.teacher_shift)
             return s, {"warm_state": icfg.warm_state, "probe": icfg.probe,
                        "reference": cfg.influence.reference or PACKAGED_REFERENCE}, {
                 "scores": j(d, "scores.jsonl")}

@@ -121,7 +121,7 @@ def test_unknown_key_in_yaml_names_file_line_and_valid_keys(tmp_path):
     path = write(tmp_path, "seed: 1\nteacher:\n  path: x\n  pth: y\n")
     assert error_of(load_config, Config, path) == (
         f"{path}, line 4: unknown key 'teacher.pth'; "
-        "valid keys under 'teacher': dtype, param_dtype, path, remat"
+        "valid keys under 'teacher': chat_template, dtype, param_dtype, path, remat"
     )
 
 

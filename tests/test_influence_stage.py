@@ -156,3 +156,33 @@ def test_scores_without_settings_are_not_resumed(warm, tmp_path):
     cfg = load_config(Config, None, _args(warm_dir, probe, ref))
     with pytest.raises(UserError, match="holds 1 influence scores but no settings.json"):
         run_influence(cfg, str(tmp_path), progress=False)
+
+
+def test_kept_reference_serves_a_second_scoring_then_is_released(warm, tmp_path, monkeypatch):
+    """The teacher shift scores other probes on the same warm student: L_ref's baseline and
+    gradient kept from the first scoring (on the host) give the same scores as computing them."""
+    from montessori_jax.kernels import influence
+    from montessori_jax.stages import influence as influence_stage
+    from montessori_jax.stages.influence import run_influence
+
+    d, warm_dir, probe, ref = warm
+    other = _write(tmp_path / "other.jsonl", _rows(4, 7))
+
+    def cfg(p):
+        return load_config(Config, None, _args(warm_dir, p, ref, "influence.estimator=first_order"))
+
+    fresh = run_influence(cfg(other), str(tmp_path / "fresh"), progress=False)
+    run_influence(cfg(probe), str(tmp_path / "first"), progress=False, keep_reference=True)
+    assert influence_stage._REF_CACHE
+
+    def refuse(*a, **k):
+        raise AssertionError("grad L_ref computed again")
+
+    monkeypatch.setattr(influence, "make_ref_grad", refuse)
+    monkeypatch.setattr(influence, "make_baseline", refuse)
+    again = run_influence(cfg(other), str(tmp_path / "again"), progress=False)
+    assert again["baseline_ref_loss"] == fresh["baseline_ref_loss"]
+    assert _scores(tmp_path / "again" / "scores.jsonl") == _scores(tmp_path / "fresh" / "scores.jsonl")
+    assert not influence_stage._REF_CACHE  # used without keep_reference: not kept for a third
+    with pytest.raises(AssertionError, match="computed again"):
+        run_influence(cfg(other), str(tmp_path / "third"), progress=False)

@@ -33,8 +33,24 @@ from montessori_jax.stages import stats
 from montessori_jax.stages.eval import model_fingerprint
 from montessori_jax.stages.sft import encode_pairs
 
-# the last warm state's L_ref pieces (baseline, grad L_ref): key -> {"baseline": ..., "g_ref": ...}
+# L_ref pieces of the last warm state kept for a later scoring on it in this process (the
+# teacher shift): key -> {"baseline": ..., "g_ref": ...}, each (host copy, device shardings), so
+# that grad L_ref holds no device memory while other stages run
 _REF_CACHE: dict[tuple, dict] = {}
+
+
+def _keep(cached: dict, name: str, value) -> None:
+    cached[name] = (jax.device_get(value), jax.tree.map(lambda x: x.sharding, value))
+
+
+def _take(cached: dict, name: str):
+    host, shardings = cached[name]
+    return jax.device_put(host, shardings)
+
+
+def release_reference() -> None:
+    """Forget the kept L_ref pieces (after the last scoring that needs them)."""
+    _REF_CACHE.clear()
 
 
 def _stamp(path: str) -> tuple[str, int]:
@@ -177,7 +193,10 @@ def _score_row(pid, seed_prompt, cols: dict, j: int, baseline: float, icfg: Infl
     return row
 
 
-def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None) -> dict:
+def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir: str | None = None,
+                  keep_reference: bool = False) -> dict:
+    """Scores every probing example of ``cfg.influence``. ``keep_reference``: keep L_ref's baseline
+    and gradient (on the host) for a later scoring on the same warm student in this process."""
     icfg = cfg.influence
     if not icfg.warm_state:
         raise UserError("influence.warm_state is not set (the warm_state.json of `montessori sft`)")
@@ -226,12 +245,16 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
         ref_key = (_stamp(icfg.warm_state), warm["step"], _stamp(ref_path), icfg.ref_max_len,
                    icfg.ref_batch_size, icfg.system, icfg.param_dtype, icfg.memory_fraction)
-        cached = _REF_CACHE.get(ref_key, {})
+        cached = _REF_CACHE.pop(ref_key, {})
         _REF_CACHE.clear()
-        _REF_CACHE[ref_key] = cached
-        if "baseline" not in cached:
-            cached["baseline"] = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
-        baseline, base_nll = cached["baseline"]
+        if keep_reference:
+            _REF_CACHE[ref_key] = cached
+        if "baseline" in cached:
+            baseline, base_nll = _take(cached, "baseline")
+        else:
+            baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
+            if keep_reference:
+                _keep(cached, "baseline", (baseline, base_nll))
         baseline = float(baseline)
         exact_fn = influence_lib.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
@@ -247,9 +270,12 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                       f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
             grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else influence_lib.make_ref_set(
                 ref_examples, plan["rows_per_chunk"], pad_id)
-            if "g_ref" not in cached:
-                cached["g_ref"] = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)[1]
-            g_ref = cached["g_ref"]
+            if "g_ref" in cached:
+                g_ref = _take(cached, "g_ref")
+            else:
+                g_ref = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)[1]
+                if keep_reference:
+                    _keep(cached, "g_ref", g_ref)
         fo_fn = influence_lib.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0

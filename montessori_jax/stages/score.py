@@ -29,7 +29,7 @@ def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> 
         check_messages(row["messages"], where)
         ex = text.encode_conversation(tok, row["messages"], system=row.get("system"), max_len=max_len)
     else:
-        raise UserError(f"{where}: expected a string `text`, `prompt` and `response`, or chat `messages`")
+        raise UserError(f"{where}: expected a string `text`, or `prompt` and `response`, or chat `messages`")
     if ex.loss_mask.sum() == 0:
         raise UserError(f"{where}: nothing to score (fewer than two tokens)")
     return ex

@@ -86,6 +86,7 @@ def run_teacher_shift(cfg: Config, out_dir: str, *, warm_state: str, initial: st
     icfg = dataclasses.replace(cfg.influence, warm_state=warm_state, probe=probe)
     inf_summary = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg),
                                                 os.path.join(out_dir, "influence"), progress=progress)
+    influence_stage.release_reference()  # the influence stage kept L_ref's pieces for this scoring
     scores = {s: [] for s in SOURCES}
     for row in read_jsonl(os.path.join(out_dir, "influence", "scores.jsonl")):
         scores[str(row["id"]).split("/", 1)[0]].append(row["influence"])
