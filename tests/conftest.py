@@ -105,3 +105,49 @@ def smollm2_tok():
     from montessori_jax.core import text
 
     return text.load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def served_smollm2():
+    """`montessori serve --model smollm2 --served-model-name judge` in a subprocess on a free loopback
+    port, once a session; yields its OpenAI base URL (`.../v1`) and stops it at the end."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    try:
+        from montessori_jax.core import weights
+
+        weights.resolve_path("smollm2")
+    except Exception as e:  # the embedded model is installed by the README's test command
+        pytest.skip(f"the embedded model is not installed: {e}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "montessori_jax.cli", "serve", "--model", "smollm2", "--port",
+                             str(port), "--served-model-name", "judge", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "montessori serve did not start in 180 s"
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -3,54 +3,16 @@ real judge, served by our own OpenAI-compatible server in a subprocess on loopba
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from montessori_jax.cli import main  # noqa: E402
 
 MT = os.path.join(os.path.dirname(__file__), "data", "mt_bench_sample.jsonl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served_smollm2():
-    try:
-        from montessori_jax.core import weights
-
-        weights.resolve_path("smollm2")
-    except Exception as e:  # the embedded model is installed by the README's test command
-        pytest.skip(f"the embedded model is not installed: {e}")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "montessori_jax.cli", "serve", "--model", "smollm2", "--port",
-                             str(port), "--served-model-name", "judge", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "montessori serve did not start in 180 s"
-        time.sleep(0.5)
-    yield url + "/v1"
-    proc.terminate()
-    proc.wait(timeout=60)
 
 
 def _answers(path, model, turns_by_q):
