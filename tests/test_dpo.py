@@ -328,21 +328,27 @@ def test_heldout_eval_at_the_reference_then_after_training(steps, tmp_path):
     _, params = M.split_params(M.create(CFG, seed=11))
     pairs = _pairs(4, seed=12)
     ref = _ref(steps["logps"], params, pairs, tmp_path)  # as the stage: the cache, 4 pairs a forward
-    eval_fn = dpo_lib.make_eval_fn(steps["graphdef"], 0.1)
+    eval_fn = dpo_lib.make_eval_fn(steps["graphdef"])
     held = [pairs[1]]
     held_ref = (ref[0][[1]], ref[1][[1]])
     # policy = reference: every reward 0, so the loss is log 2, the margin 0 and no pair ranked right
     for batch_pairs, micro in ((2, 1), (4, 4)):
         for ps, r in ((held, held_ref), (pairs, ref)):
-            before = dpo_lib.evaluate_pairs(eval_fn, params, ps, r, batch_pairs, micro, 0)
+            before = dpo_lib.evaluate_pairs(eval_fn, params, ps, r, 0.1, batch_pairs, micro, 0)
             assert before["loss"] == pytest.approx(LOG2, abs=1e-6)
             assert before["margin"] == 0.0 and before["reward_accuracy"] == 0.0
+            # the stage's held-out reference: the log-probs in the evaluation's own layout, so the
+            # rewards are exactly 0 whatever layout the cache was computed in
+            lp = dpo_lib.pair_logps(eval_fn, params, ps, batch_pairs, micro, 0)
+            assert dpo_lib.evaluate_pairs(eval_fn, params, ps, lp, 0.1, batch_pairs, micro, 0) == {
+                "loss": pytest.approx(LOG2, abs=1e-7), "reward_accuracy": 0.0, "margin": 0.0}
+            np.testing.assert_allclose(lp[0], r[0], rtol=1e-5)
     # train on all four (the held-out pair among them) at lr 1e-3: its margin rises
     state = train_step.init_state(_copy(params), steps["tx"])
     batch = dpo_lib.make_batch(pairs, range(4), 4, 4, 0, ref)
     for _ in range(3):
         state, _ = steps["cached"](state, batch)
-    after = dpo_lib.evaluate_pairs(eval_fn, state["params"], held, held_ref, 2, 1, 0)
+    after = dpo_lib.evaluate_pairs(eval_fn, state["params"], held, held_ref, 0.1, 2, 1, 0)
     lp = np.asarray(steps["logps"](state["params"], dpo_lib.make_batch(held, [0], 1, 1, 0)), np.float64)
     want = 0.1 * ((lp[0] - held_ref[0][0]) - (lp[1] - held_ref[1][0]))
     assert after["margin"] == pytest.approx(want, rel=1e-4) and after["margin"] > 0.01
@@ -489,10 +495,10 @@ def test_stage_heldout_pairs_and_resume_settings(tiny_checkpoint, pairs_file, tm
     held = summary["heldout"]
     assert summary["pairs"] == 6 and summary["train_pairs"] == 4 and held["pairs"] == 2
     assert held["before"]["loss"] == pytest.approx(LOG2, abs=1e-6)
-    assert held["before"]["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert held["before"]["margin"] == 0.0 and held["before"]["reward_accuracy"] == 0.0
     assert all(math.isfinite(v) for v in held["after"].values()) and held["after"] != held["before"]
     record = json.load(open(out / "heldout.json"))
-    assert record["after_step"] == 4 and len(record["indices"]) == 2
+    assert record["after_step"] == 4 and len(record["indices"]) == 2 and len(record["reference"]["chosen"]) == 2
 
     # a rerun after completion keeps both measurements and computes neither again
     def no_eval(*a, **kw):

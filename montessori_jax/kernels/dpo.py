@@ -224,30 +224,42 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
     return jax.jit(lambda state, batch: step(state, batch), donate_argnums=0)
 
 
-def make_eval_fn(graphdef, beta: float):
-    """jitted ``(params, batch [A, 2M, T]) -> sums``: the summed loss (``loss``) and the metric
-    sums of ``pair_sums`` over a batch laid out as for training, with no gradient."""
-
-    def micro(params, mb):
-        s, sums = pair_sums(policy_logps(graphdef, params, mb), mb["ref_logps"], mb["pair_mask"], beta)
-        return {"loss": s, **sums}
-
-    def fn(params, batch):
-        per = jax.lax.map(lambda mb: micro(params, mb), batch)
-        return jax.tree.map(lambda x: x.sum(0), per)
-
-    return jax.jit(fn)
+def make_eval_fn(graphdef):
+    """jitted ``(params, batch [A, 2M, T]) -> log-probs [A, 2M]``: the policy's sequence
+    log-probs in the batch's layout, with no gradient (the held-out evaluation)."""
+    return jax.jit(lambda params, batch: jax.lax.map(lambda mb: policy_logps(graphdef, params, mb), batch))
 
 
-def evaluate_pairs(eval_fn, params, pairs: Sequence[PairExample], ref: tuple[np.ndarray, np.ndarray],
-                   batch_pairs: int, micro_pairs: int, pad_id: int, put=lambda b: b) -> dict:
-    """Mean DPO loss, reward accuracy and margin over ``pairs`` (batches of ``batch_pairs``
-    in order of length, ``micro_pairs`` per forward)."""
+def pair_logps(eval_fn, params, pairs: Sequence[PairExample], batch_pairs: int, micro_pairs: int, pad_id: int,
+               put=lambda b: b) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen [N], rejected [N]) log-probs of ``pairs`` from ``eval_fn`` in one fixed layout
+    (batches of ``batch_pairs`` in order of length, ``micro_pairs`` per forward), so that two
+    calls differ only by their params: at the reference's params the rewards are exactly 0."""
+    M = micro_pairs
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i]), i))
-    parts = [eval_fn(params, put(make_batch(pairs, order[k:k + batch_pairs], batch_pairs, micro_pairs, pad_id, ref)))
-             for k in range(0, len(order), batch_pairs)]
-    host = jax.device_get(parts)
-    total = {k: sum(float(h[k]) for h in host) for k in host[0]}
-    n = max(total["count"], 1.0)
-    return {"loss": total["loss"] / n, "reward_accuracy": total["rewards/accuracy"] / n,
-            "margin": total["rewards/margin"] / n}
+    chunks = [order[k:k + batch_pairs] for k in range(0, len(order), batch_pairs)]
+    host = jax.device_get([eval_fn(params, put(make_batch(pairs, idx, batch_pairs, M, pad_id))) for idx in chunks])
+    chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+    for idx, lp_A2M in zip(chunks, host):
+        for p, i in enumerate(idx):
+            a, j = divmod(p, M)
+            chosen[i], rejected[i] = lp_A2M[a, j], lp_A2M[a, M + j]
+    return chosen, rejected
+
+
+def pair_metrics(logps: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], beta: float) -> dict:
+    """Mean DPO loss, reward accuracy and margin of N pairs from their (chosen, rejected)
+    log-probs and reference log-probs, by ``pair_sums``."""
+    n = len(logps[0])
+    s, sums = pair_sums(jnp.concatenate([jnp.asarray(logps[0]), jnp.asarray(logps[1])]),
+                        jnp.concatenate([jnp.asarray(ref[0]), jnp.asarray(ref[1])]), jnp.ones(2 * n), beta)
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": float(s) / count, "reward_accuracy": float(sums["rewards/accuracy"]) / count,
+            "margin": float(sums["rewards/margin"]) / count}
+
+
+def evaluate_pairs(eval_fn, params, pairs: Sequence[PairExample], ref: tuple[np.ndarray, np.ndarray], beta: float,
+                   batch_pairs: int, micro_pairs: int, pad_id: int, put=lambda b: b) -> dict:
+    """Mean DPO loss, reward accuracy and margin over ``pairs`` against their reference
+    log-probs ``ref``, the policy's log-probs taken in ``pair_logps``'s layout."""
+    return pair_metrics(pair_logps(eval_fn, params, pairs, batch_pairs, micro_pairs, pad_id, put), ref, beta)

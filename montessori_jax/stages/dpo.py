@@ -14,7 +14,10 @@ cut answers are counted.
 
 With ``eval_fraction`` a deterministic slice of the pairs (by ``seed``) is held out of
 training; the loss, reward accuracy and margin on it are measured before and after training
-(kept in ``OUT/heldout.json``, so that a rerun does not measure them again).
+(kept in ``OUT/heldout.json``, so that a rerun does not measure them again). Their reference
+log-probs are taken by the program, and in the layout, that evaluates them after training, so
+that "before" is exactly policy = reference (rewards 0, accuracy 0, loss log 2) rather than the
+float noise between two batch layouts.
 
 The loss is the sigmoid DPO loss on sequence log-probs (sums over answer tokens):
 ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``, summed over pairs and divided once
@@ -201,17 +204,18 @@ HELDOUT_FILE = "heldout.json"
 
 def _heldout(path: str, fingerprint: str, indices: list[int]) -> dict:
     """The held-out record of this run (``heldout.json``: the held-out pairs' indices in the pairs
-    file, their metrics before and after training), or a fresh one when there is none or it
-    belongs to another run."""
+    file, their reference log-probs, their metrics before and after training), or a fresh one
+    when there is none, it belongs to another run or it predates the stored reference."""
     n = len(indices)
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except (OSError, json.JSONDecodeError):
         rec = None
-    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint or rec.get("indices") != indices:
-        rec = {"fingerprint": fingerprint, "pairs": n, "indices": indices, "before": None, "after": None,
-               "after_step": None}
+    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint or rec.get("indices") != indices \
+            or "reference" not in rec:
+        rec = {"fingerprint": fingerprint, "pairs": n, "indices": indices, "reference": None, "before": None,
+               "after": None, "after_step": None}
     return rec
 
 
@@ -264,12 +268,17 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
             ref_c, ref_r, ref_status = reference_logps(cache_path, header, encoded, dpo_lib.make_logps_fn(graphdef),
                                                        params, dcfg.ref_batch_size, pad_id, put, progress)
             ref_seconds = time.perf_counter() - t0
-            held_ref = (ref_c[held_idx], ref_r[held_idx])
             heldout = _heldout(heldout_path, fingerprint, held_idx) if held else None
-            eval_fn = dpo_lib.make_eval_fn(graphdef, dcfg.beta) if held else None
-            if heldout is not None and heldout["before"] is None:  # params are still the reference's
-                heldout["before"] = dpo_lib.evaluate_pairs(eval_fn, params, held, held_ref, G, M, pad_id, put)
+            eval_fn = dpo_lib.make_eval_fn(graphdef) if held else None
+            if heldout is not None and heldout["reference"] is None:  # params are still the reference's
+                # the held-out pairs' reference log-probs come from the program and layout that
+                # evaluates them after training, so "before" is exactly policy = reference
+                c, r = dpo_lib.pair_logps(eval_fn, params, held, G, M, pad_id, put)
+                heldout["reference"] = {"chosen": c.tolist(), "rejected": r.tolist()}
+                heldout["before"] = dpo_lib.pair_metrics((c, r), (c, r), dcfg.beta)
                 write_json_atomic(heldout_path, heldout)
+            held_ref = (None if heldout is None else
+                        tuple(np.asarray(heldout["reference"][k], np.float32) for k in ("chosen", "rejected")))
 
             tx = optim.adamw(dcfg.optim, total)
             state = train_step.init_state(params, tx)
@@ -289,7 +298,8 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
         finally:
             ckpts.close()  # an interrupted run still finishes the checkpoint it was writing
         if heldout is not None and (heldout["after"] is None or heldout["after_step"] != step):
-            heldout["after"] = dpo_lib.evaluate_pairs(eval_fn, state["params"], held, held_ref, G, M, pad_id, put)
+            heldout["after"] = dpo_lib.evaluate_pairs(eval_fn, state["params"], held, held_ref, dcfg.beta, G, M,
+                                                      pad_id, put)
             heldout["after_step"] = step
             write_json_atomic(heldout_path, heldout)
 
