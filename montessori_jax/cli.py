@@ -593,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from montessori_jax.core import distributed
+
+    try:
+        distributed.initialize()
+    except UserError as e:
+        print(f"montessori: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "compiles", True):
         from montessori_jax.core.xla_cache import use_compilation_cache
 

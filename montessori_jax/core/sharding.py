@@ -13,6 +13,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -144,3 +145,33 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES, ndim
 def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
     """device_put a dict of [B, ...] arrays with the batch axis split over data x fsdp."""
     return {k: jax.device_put(v, batch_sharding(mesh, rules, np.ndim(v))) for k, v in batch.items()}
+
+
+def put(tree, shardings):
+    """Place host arrays onto their shardings (a matching pytree of ``jax.sharding.Sharding``).
+
+    Every process holds the same global value; across processes each one fills only the shards
+    of its own devices, so this is the one placement path for 1 device, 8 devices or a cluster.
+    """
+
+    def one(x, s):
+        if isinstance(x, jax.Array) or s.is_fully_addressable:
+            return jax.device_put(x, s)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+    """numpy copies of (global) arrays, the whole value in every process: a fully replicated
+    array is read from this process's own copy, a sharded one gathered from every process."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
