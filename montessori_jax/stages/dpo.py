@@ -143,6 +143,7 @@ def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample
     todo = sorted((i for i in range(n) if i not in rows), key=lambda i: (len(pairs[i]), i))
     if todo and status == "reused":
         status = "completed"
+    ref_batch = max(1, min(ref_batch, len(todo)))  # no forward over empty pairs when few are left
     bar = tqdm(total=n, initial=n - len(todo), desc="reference log-probs", unit="pair", disable=not progress)
     with open(path, "a", encoding="utf-8") as out:
         for k in range(0, len(todo), ref_batch):
