@@ -175,12 +175,30 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
 
 def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig, seed, pad_id, mesh, rules,
            log, ckpts, meta, bar, eval_loss):
-    """Steps start..total: global batches in each epoch's order, metrics read to the host every
-    ``log_every`` steps, the eval loss every ``eval_every``, checkpoints every ``save_every``.
-    Returns (state, the last step)."""
+    """Steps start..total: global batches in each epoch's order, checkpoints every
+    ``save_every``, the eval loss every ``eval_every``.
+
+    Metrics come to the host every ``log_every`` steps, read after the next step has been
+    dispatched (as in DPO), so the device never waits for the host between steps; all of them
+    before each checkpoint. Returns (state, the last step)."""
     G = scfg.batch_size
     M = scfg.micro_batch_size or G
-    pending, t_last = [], time.perf_counter()
+    pending, ready, t_last = [], [], time.perf_counter()
+
+    def write(entries):
+        nonlocal t_last
+        if not entries:
+            return
+        host = jax.device_get([m_ for _, m_ in entries])
+        now = time.perf_counter()
+        n_tok = sum(float(h["tokens"]) for h in host)
+        for (s_, _), h in zip(entries, host):
+            log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
+                       "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
+                       "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
+        bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
+        t_last = now
+
     order, order_epoch = None, None
     step = start
     with jax.set_mesh(mesh):
@@ -193,20 +211,16 @@ def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig,
             batch = jax.device_put(batch, train_step.batch_shardings(mesh, rules, batch))
             state, m = step_fn(state, batch)
             step += 1
+            write(ready)  # the metrics of steps before this one, which has been dispatched
+            ready = []
             pending.append((step, m))
-            if step % scfg.log_every == 0 or step == total:
-                host = jax.device_get([m for _, m in pending])
-                now = time.perf_counter()
-                n_tok = sum(float(h["tokens"]) for h in host)
-                for (s_, _), h in zip(pending, host):
-                    log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
-                               "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
-                               "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
-                bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
-                pending, t_last = [], now
+            if step % scfg.log_every == 0:
+                ready, pending = pending, []
             if scfg.eval_every and eval_loss and step % scfg.eval_every == 0:
                 eval_loss(step, state["params"])
             if step % scfg.save_every == 0 or step == total:
+                write(ready + pending)
+                ready, pending = [], []
                 log.flush()
                 ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
                 faults.point("sft.checkpoint")
