@@ -403,7 +403,8 @@ class Sampler:
             return jax.lax.with_sharding_constraint(x, sharding.rows_sharding(self.mesh, x.ndim, axis))
 
         return jax.tree_util.tree_map_with_path(one, state)
-(self, params, state, knobs, *, P: int, K: int = 0):
+
+    def _decode(self, params, state, knobs, *, P: int, K: int = 0):
         """Run the decode loop to the token limit or until every row is done."""
         self.num_traces += 1
         model = model_lib.merge_params(self.graphdef, params)
