@@ -144,3 +144,119 @@ def test_score_command_two_processes(tiny_checkpoint, tmp_path):
     np.testing.assert_allclose([r["nll"] for r in a], [r["nll"] for r in b], rtol=0, atol=1e-5)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "one.jsonl", "two.jsonl"]  # no stray temporary
     assert "scored 6 rows" in two[0].stdout
+
+
+# --- the stages, each run on one device and on data 2 x fsdp 2 x tensor 2 --------------------
+
+WORDS = "the cat sat on the mat a dog ran in the park sun is warm today".split()
+
+
+@pytest.fixture
+def small_meshes(monkeypatch):
+    """``mesh.*`` sizes that do not take every device build a mesh of the first ones (so
+    ``mesh.data=1 mesh.fsdp=1 mesh.tensor=1`` is one device among the 8)."""
+    make = S.mesh_from_config
+
+    def some_devices(data=1, fsdp=-1, tensor=1, devices=None):
+        if devices is None and -1 not in (data, fsdp, tensor):
+            devices = jax.devices()[: data * fsdp * tensor]
+        return make(data, fsdp, tensor, devices)
+
+    monkeypatch.setattr(S, "mesh_from_config", some_devices)
+
+
+def _mesh_args(shape):
+    return [f"mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), shape)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rows(n, seed):
+    rng = np.random.RandomState(seed)
+    return [{"id": f"p{seed}-{i}", "seed_prompt": f"prompt {i % 3}",
+             "instruction": " ".join(rng.choice(WORDS, rng.randint(2, 8))),
+             "response": " ".join(rng.choice(WORDS, rng.randint(2, 14)))} for i in range(n)]
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in open(path)]
+
+
+@pytest.fixture(scope="module")
+def warm_student(tiny_checkpoint, tmp_path_factory):
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.stages.sft import run_sft
+
+    folder, _ = tiny_checkpoint
+    d = tmp_path_factory.mktemp("dp_warm")
+    data = _write(d / "warmup.jsonl", _rows(8, 0))
+    cfg = load_config(Config, None, [f"student.path={folder}", f"sft.data={data}", "sft.batch_size=4",
+                                     "sft.export=false", "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=1.0",
+                                     "sft.optim.stable_ratio=0.0", "sft.optim.decay_ratio=0.0"])
+    run_sft(cfg, str(d / "sft"), progress=False)
+    return d, str(d / "sft"), _write(d / "probe.jsonl", _rows(7, 1)), _write(d / "ref.jsonl", _rows(6, 2))
+
+
+@pytest.mark.slow  # two stage runs each (about 1-2 min on this 2-core machine)
+def test_influence_stage_split_equals_one_device(warm_student, small_meshes, placed_rows):
+    """Exact and first-order influence: 3 probes a program, rounded up to 4 on data=2 (a dead
+    probe pads), the same scores within 1e-6."""
+    from montessori_jax.cli import main
+
+    d, warm_dir, probe, ref = warm_student
+    args = ["--estimator", "both", f"influence.warm_state={warm_dir}", f"influence.probe={probe}",
+            f"influence.reference={ref}", "influence.batch_size=3"]
+    assert main(["influence", "--out", str(d / "one"), *args, *_mesh_args(ONE)]) == 0
+    placed_rows.clear()
+    assert main(["influence", "--out", str(d / "split"), *args, *_mesh_args(SPLIT)]) == 0
+    _assert_split(placed_rows)
+    one, split = _jsonl(d / "one" / "scores.jsonl"), _jsonl(d / "split" / "scores.jsonl")
+    assert [r["id"] for r in one] == [r["id"] for r in split] and len(one) == 7
+    for key in ("influence", "influence_first_order"):
+        np.testing.assert_allclose([r[key] for r in split], [r[key] for r in one], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # two stage runs each (about 1-2 min on this 2-core machine)
+def test_sft_stage_split_equals_one_device(tiny_checkpoint, tmp_path, small_meshes):
+    from montessori_jax.cli import main
+
+    folder, _ = tiny_checkpoint
+    data = _write(tmp_path / "train.jsonl", _rows(8, 3))
+    args = [f"student.path={folder}", f"sft.data={data}", "sft.batch_size=4", "sft.epochs=2", "sft.export=false",
+            "sft.optim.lr=1e-3", "sft.eval_fraction=0.25", "sft.eval_every=1"]
+    assert main(["sft", "--out", str(tmp_path / "one"), *args, *_mesh_args(ONE)]) == 0
+    assert main(["sft", "--out", str(tmp_path / "split"), *args, *_mesh_args(SPLIT)]) == 0
+    one, split = _jsonl(tmp_path / "one" / "metrics.jsonl"), _jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [sorted(r) for r in one] == [sorted(r) for r in split]
+    for a, b in zip(one, split):
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+
+
+@pytest.mark.slow  # two stage runs each (about 1-2 min on this 2-core machine)
+def test_dpo_stage_split_equals_one_device(tiny_checkpoint, tmp_path, small_meshes):
+    from montessori_jax.cli import main
+
+    folder, _ = tiny_checkpoint
+    rng = np.random.RandomState(0)
+
+    def s(lo, hi):
+        return " ".join(rng.choice(WORDS, rng.randint(lo, hi)))
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    _write(pairs / "pairs.jsonl", [{"prompt": s(4, 12), "chosen": s(2, 10), "rejected": s(2, 10),
+                                    "chosen_id": f"c{i}", "rejected_id": f"r{i}"} for i in range(8)])
+    args = [f"teacher.path={folder}", f"dpo.pairs={pairs}", "dpo.optim.lr=1e-3", "dpo.batch_size=4",
+            "dpo.epochs=1", "dpo.max_prompt_len=16", "dpo.max_len=48"]
+    assert main(["dpo", "--out", str(tmp_path / "one"), *args, *_mesh_args(ONE)]) == 0
+    assert main(["dpo", "--out", str(tmp_path / "split"), *args, *_mesh_args(SPLIT)]) == 0
+    one, split = _jsonl(tmp_path / "one" / "metrics.jsonl"), _jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert len(one) == len(split) >= 2
+    for a, b in zip(one, split):
+        for key in ("loss", "rewards/margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
