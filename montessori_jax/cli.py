@@ -10,6 +10,8 @@ from montessori_jax import __version__
 from montessori_jax.errors import UserError
 
 MODEL_HELP = 'an HF Llama folder, a .gguf file, or "smollm2" (the embedded SmolLM2-135M-Instruct)'
+MESH_HELP = ("the device mesh (one size may be -1: the rest); rows split over DATA, the model over "
+             "FSDP x TENSOR; default: every device (of every process) on DATA")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -17,10 +19,12 @@ MODEL_HELP = 'an HF Llama folder, a .gguf file, or "smollm2" (the embedded SmolL
 
 
 def cmd_score(args) -> int:
+    from montessori_jax.core.sharding import parse_mesh
     from montessori_jax.stages.score import score_file
 
     summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size,
-                         max_len=args.max_len, dtype=args.dtype, chat_template=args.chat_template)
+                         max_len=args.max_len, dtype=args.dtype, chat_template=args.chat_template,
+                         mesh=parse_mesh(args.mesh))
     print(f"scored {summary['rows']} rows, {summary['tokens']} tokens: mean NLL "
           f"{summary['mean_nll']:.4f} per token -> {args.out}")
     if summary["truncated"]:
@@ -46,6 +50,7 @@ def _add_score(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chat-template", metavar="FILE", default=None,
                    help="a Jinja chat template file in place of the model's own")
+    p.add_argument("--mesh", default="-1,1,1", metavar="DATA,FSDP,TENSOR", help=MESH_HELP)
     p.set_defaults(func=cmd_score)
 
 
@@ -280,6 +285,7 @@ def _add_eval(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    from montessori_jax.core.sharding import parse_mesh
     from montessori_jax.kernels.sampler import SamplingParams
     from montessori_jax.stages.generate import generate_jsonl
 
@@ -288,7 +294,7 @@ def cmd_generate(args) -> int:
                             n=args.n, seed=args.seed)
     s = generate_jsonl(args.model, args.out, params, prompt=args.prompt, input_path=args.input,
                        batch_size=args.batch_size, chat_template=not args.no_chat_template,
-                       template_file=args.chat_template)
+                       template_file=args.chat_template, mesh=parse_mesh(args.mesh))
     print(f"generate: {s['written']} samples written ({s['skipped']} already there), {s['tokens']} tokens "
           f"in {s['seconds']:.1f} s ({s['tokens_per_s']:.1f} tok/s), {s['compiled_programs']} compiled "
           f"programs ({s['compile_seconds']:.1f} s of the time) -> {args.out}")
@@ -322,6 +328,7 @@ def _add_generate(sub) -> None:
     tpl.add_argument("--no-chat-template", action="store_true", help="encode `prompt` as plain text")
     tpl.add_argument("--chat-template", metavar="FILE", default=None,
                      help="a Jinja chat template file in place of the model's own")
+    p.add_argument("--mesh", default="-1,1,1", metavar="DATA,FSDP,TENSOR", help=MESH_HELP)
     p.set_defaults(func=cmd_generate)
 
 

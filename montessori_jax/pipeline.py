@@ -222,7 +222,8 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
         def run():
             teacher = w.teacher(k, arm)
             scfg = dataclasses.replace(cfg.synthesis, iteration=k)
-            s = synthesize(scfg, d, teacher=teacher, seed=cfg.seed, generator=gen(teacher), progress=progress)
+            s = synthesize(scfg, d, teacher=teacher, seed=cfg.seed, generator=gen(teacher), progress=progress,
+                           mesh=cfg.mesh)
             return s, {"teacher": _model_file(teacher.path)}, {
                 "records": j(d, "records.jsonl"), "warmup": j(d, "warmup.jsonl"), "probe": j(d, "probe.jsonl")}
     elif name == "warmup":
@@ -268,7 +269,7 @@ def _runner(cfg: Config, w: _Wiring, name: str, k: int, arm: str, d: str, progre
         def run():
             teacher = w.optimized_teacher(k) if arm == "montessori" else w.teacher(k, arm)
             s = synthesize(_train_synthesis(cfg, k), d, teacher=teacher, seed=cfg.seed + TRAIN_SEED_OFFSET,
-                           generator=gen(teacher), progress=progress)
+                           generator=gen(teacher), progress=progress, mesh=cfg.mesh)
             return s, {"teacher": _model_file(teacher.path)}, {"records": j(d, "records.jsonl")}
     elif name == "teacher_shift":
         def run():

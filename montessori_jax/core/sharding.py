@@ -58,6 +58,20 @@ def mesh_from_config(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=Non
     return _make_mesh(tuple(sizes), MESH_AXES, devices=devices)
 
 
+def parse_mesh(value: str, key: str = "--mesh"):
+    """``"DATA,FSDP,TENSOR"`` (one may be -1: the rest of the devices) as a ``MeshConfig``."""
+    from montessori_jax.config import MeshConfig
+
+    parts = value.split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"{key}={value!r}: expected DATA,FSDP,TENSOR, three sizes >= 1 (one may be -1), e.g. -1,1,1")
+    return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
+
+
 def merge_rules(overrides: Mapping[str, str | None] | None) -> dict:
     rules = dict(DEFAULT_RULES)
     for name, axis in (overrides or {}).items():
@@ -132,8 +146,7 @@ def dict_shardings(params: Mapping, axes: Mapping[str, tuple], mesh: jax.shardin
 
 def place(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
     """Put every value of an nnx.State onto the mesh according to its logical names."""
-    shardings = state_shardings(state, mesh, rules)
-    return jax.device_put(state, shardings)
+    return put(state, state_shardings(state, mesh, rules))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
@@ -143,8 +156,58 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES, ndim
 
 
 def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
-    """device_put a dict of [B, ...] arrays with the batch axis split over data x fsdp."""
-    return {k: jax.device_put(v, batch_sharding(mesh, rules, np.ndim(v))) for k, v in batch.items()}
+    """Place a dict of [B, ...] arrays with the batch axis split over data x fsdp."""
+    return put(batch, {k: batch_sharding(mesh, rules, np.ndim(v)) for k, v in batch.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows split over ``data``: what the inference stages (influence probes, scoring, evaluation,
+# sampling) run, each data group on its share of the rows with the params on fsdp x tensor
+
+
+def mesh_of(tree) -> jax.sharding.Mesh | None:
+    """The mesh the arrays of ``tree`` are placed on (the first NamedSharding), or None."""
+    for leaf in jax.tree.leaves(tree):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+def data_size(mesh: jax.sharding.Mesh | None) -> int:
+    return 1 if mesh is None else int(mesh.shape["data"])
+
+
+def round_rows(n: int, mesh: jax.sharding.Mesh | None) -> int:
+    """``n`` rounded up to a multiple of the mesh's ``data`` size (a batch's row count)."""
+    d = data_size(mesh)
+    return -(-n // d) * d
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The whole value on every device of the mesh."""
+    return NamedSharding(mesh, P())
+
+
+def rows_sharding(mesh: jax.sharding.Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    """An array whose dimension ``axis`` (its rows) is split over ``data``; scalars replicated."""
+    spec = [None] * ndim
+    if ndim:
+        spec[axis] = "data"
+    return NamedSharding(mesh, P(*spec))
+
+
+def put_rows(tree, mesh: jax.sharding.Mesh | None, axis: int = 0):
+    """Place host arrays with dimension ``axis`` split over the mesh's ``data`` axis (through
+    ``put``, so across processes too); without a mesh, the tree as it is. The row count must be
+    a multiple of the data size (``round_rows``)."""
+    if mesh is None:
+        return tree
+    d = data_size(mesh)
+    for x in jax.tree.leaves(tree):
+        if np.ndim(x) and np.shape(x)[axis] % d:
+            raise ValueError(f"{np.shape(x)[axis]} rows do not split over data={d}: round with round_rows")
+    return put(tree, jax.tree.map(lambda x: rows_sharding(mesh, np.ndim(x), axis), tree))
 
 
 def put(tree, shardings):

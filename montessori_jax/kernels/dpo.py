@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from montessori_jax.core import batching, optim, text
+from montessori_jax.core import batching, optim, sharding, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.losses import token_nll
 from montessori_jax.errors import UserError
@@ -238,7 +238,7 @@ def pair_logps(eval_fn, params, pairs: Sequence[PairExample], batch_pairs: int, 
     M = micro_pairs
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i]), i))
     chunks = [order[k:k + batch_pairs] for k in range(0, len(order), batch_pairs)]
-    host = jax.device_get([eval_fn(params, put(make_batch(pairs, idx, batch_pairs, M, pad_id))) for idx in chunks])
+    host = sharding.to_host([eval_fn(params, put(make_batch(pairs, idx, batch_pairs, M, pad_id))) for idx in chunks])
     chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     for idx, lp_A2M in zip(chunks, host):
         for p, i in enumerate(idx):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.core import batching
+from montessori_jax.core import batching, sharding
 from montessori_jax.core import model as model_lib
 from montessori_jax.errors import UserError
 
@@ -299,6 +299,10 @@ class Sampler:
 
     batch_size: rows decoded together (prompts x samples): a batch holds
         ``max(1, batch_size // n)`` prompts. pad_id: the id written after a row's end.
+
+    With the model placed on a mesh, a batch's prompt slots (rounded up to a multiple of its
+    ``data`` size with dead rows) and their samples split over ``data``; a sample's key is
+    (seed, row id, sample), so what it draws does not depend on the split.
     """
 
     def __init__(
@@ -311,6 +315,7 @@ class Sampler:
     ):
         self.cfg = model.cfg
         self.graphdef, self.params = model_lib.split_params(model)
+        self.mesh = sharding.mesh_of(self.params)
         if not 0 <= pad_id < self.cfg.vocab_size:
             raise ValueError(f"pad_id {pad_id} outside the vocabulary of {self.cfg.vocab_size}")
         self.pad_id = int(pad_id)
@@ -354,7 +359,8 @@ class Sampler:
         logits_BV = jnp.repeat(logits_BpV, n, axis=0)
         row_ids_B = jnp.repeat(batch["row_ids"], n)
         sample_B = jnp.tile(jnp.arange(n, dtype=jnp.int32), Bp)
-        keys_B = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(knobs["key"], r), j))(
+        key = jax.random.wrap_key_data(knobs["key"])
+        keys_B = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(key, r), j))(
             row_ids_B, sample_B
         )
         live_B = jnp.repeat(batch["live"], n)
@@ -373,7 +379,7 @@ class Sampler:
                 "top_lp": jnp.zeros((B, M, K), jnp.float32).at[:, 0].set(top_lp_BK),
                 "top_id": jnp.zeros((B, M, K), jnp.int32).at[:, 0].set(top_id_BK),
             }
-        return {
+        return self._rows_on_data({
             **extra,
             "cache": cache,
             "tokens": tokens_BM,
@@ -385,7 +391,18 @@ class Sampler:
             "num_tokens": live_B.astype(jnp.int32),
             "seen": seen_BV,
             "keys": keys_B,
-        }
+        })
+
+    def _rows_on_data(self, state: dict) -> dict:
+        """Keep the decode state's rows (axis 1 of the KV cache, 0 elsewhere) split over data."""
+        if self.mesh is None or sharding.data_size(self.mesh) == 1:
+            return state
+
+        def one(path, x):
+            axis = 1 if path[0].key == "cache" and path[-1].key in ("k", "v") else 0
+            return jax.lax.with_sharding_constraint(x, sharding.rows_sharding(self.mesh, x.ndim, axis))
+
+        return jax.tree_util.tree_map_with_path(one, state)
 
     def _decode(self, params, state, knobs, *, P: int, K: int = 0):
         """Run the decode loop to the token limit or until every row is done."""
@@ -457,7 +474,7 @@ class Sampler:
             "presence_penalty": np.float32(params.presence_penalty),
             "limit": np.int32(params.max_new_tokens),
             "stop_ids": np.asarray(stop + [-1] * (size - len(stop)), np.int32),
-            "key": jax.random.key(np.uint32(params.seed % 2**32)),
+            "key": np.asarray(jax.random.key_data(jax.random.key(np.uint32(params.seed % 2**32)))),
         }
 
     def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
@@ -479,7 +496,7 @@ class Sampler:
         n = params.n
         P = batching.bucket_length(max(len(p) for p in prompts), self.prompt_buckets)
         M = batching.bucket_length(params.max_new_tokens, self.new_token_buckets)
-        Bp = n_slots
+        Bp = sharding.round_rows(n_slots, self.mesh)
         tokens = np.full((Bp, P), self.pad_id, np.int32)
         segs = np.zeros((Bp, P), np.int32)
         positions = np.zeros((Bp, P), np.int32)
@@ -493,6 +510,9 @@ class Sampler:
             lengths[b], live[b], rows[b] = len(p), True, r
         batch = {"tokens": tokens, "segment_ids": segs, "positions": positions, "lengths": lengths,
                  "live": live, "row_ids": rows}
+        batch = sharding.put_rows(batch, self.mesh)
+        if self.mesh is not None:
+            knobs = sharding.put(knobs, jax.tree.map(lambda _: sharding.replicated(self.mesh), knobs))
         lp_key = (K,) if K else ()  # the default programs keep their keys
         prefill = self._program(
             "prefill", (Bp, P, M, n) + lp_key, self._prefill_jit, self.params, batch, knobs, n=n, M=M, K=K
@@ -505,14 +525,13 @@ class Sampler:
 
     @staticmethod
     def _collect(state) -> BatchOutput:
-        tokens, num_tokens, stopped, steps = jax.device_get(
+        tokens, num_tokens, stopped, steps = sharding.to_host(
             (state["tokens"], state["num_tokens"], state["stopped"], state["step"])
         )
-        out = BatchOutput(np.asarray(tokens), np.asarray(num_tokens), np.asarray(stopped), int(steps))
+        out = BatchOutput(tokens, num_tokens, stopped, int(steps))
         if "lp" in state:
-            out.logprobs, out.top_logprobs, out.top_ids = (
-                np.asarray(a) for a in jax.device_get((state["lp"], state["top_lp"], state["top_id"]))
-            )
+            out.logprobs, out.top_logprobs, out.top_ids = sharding.to_host(
+                (state["lp"], state["top_lp"], state["top_id"]))
         return out
 
     def run_batch(

@@ -10,13 +10,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax.core import batching, text
+from montessori_jax.core import batching, sharding, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.losses import token_nll
 
 
 class Scorer:
-    """One jitted program giving each row's (nll_sum, count) under params (graphdef, params)."""
+    """One jitted program giving each row's (nll_sum, count) under params (graphdef, params).
+
+    With params placed on a mesh, each batch's rows split over its ``data`` axis (the batch
+    size rounded up to a multiple of it) and are read back whole in every process.
+    """
 
     def __init__(self, graphdef, params: dict):
         self.params = params
@@ -35,11 +39,12 @@ class Scorer:
                  progress: bool = False, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-example (nll_sum, count) in input order (under ``params`` when given)."""
         params = self.params if params is None else params
+        mesh = sharding.mesh_of(params)
         sums = np.zeros(len(examples), np.float64)
         counts = np.zeros(len(examples), np.int64)
         bar = tqdm(total=len(examples), desc="score", unit="row", disable=not progress)
-        for idx, batch in batching.batches(examples, batch_size, pad_id=pad_id):
-            s, c = jax.device_get(self._nll(params, batch))
+        for idx, batch in batching.batches(examples, sharding.round_rows(batch_size, mesh), pad_id=pad_id):
+            s, c = sharding.to_host(self._nll(params, sharding.put_rows(batch, mesh)))
             n = len(idx)
             sums[idx], counts[idx] = s[:n], c[:n]
             bar.update(n)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import optim
+from montessori_jax.core import optim, sharding
 from montessori_jax.core.losses import batch_token_nll
 
 
@@ -54,7 +54,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
-    return {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    mesh = sharding.mesh_of(params)
+    step = jnp.zeros((), jnp.int32) if mesh is None else sharding.put(np.zeros((), np.int32), sharding.replicated(mesh))
+    return {"params": params, "opt_state": jax.jit(tx.init)(params), "step": step}
 
 
 def batch_shardings(mesh, rules, batch) -> dict:

@@ -149,7 +149,7 @@ def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample
         for k in range(0, len(todo), ref_batch):
             idx = todo[k:k + ref_batch]
             batch = dpo_lib.make_batch(pairs, idx, ref_batch, ref_batch, pad_id)
-            logps = np.asarray(jax.device_get(logps_fn(params, put(batch))), np.float64)
+            logps = np.asarray(sharding.to_host(logps_fn(params, put(batch))), np.float64)
             new = []
             for j, i in enumerate(idx):
                 rows[i] = (float(np.float32(logps[j])), float(np.float32(logps[ref_batch + j])))
@@ -253,7 +253,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     del model
 
     def put(batch):
-        return jax.device_put(batch, train_step.batch_shardings(mesh, rules, batch))
+        return sharding.put(batch, train_step.batch_shardings(mesh, rules, batch))
 
     heldout_path = os.path.join(out_dir, HELDOUT_FILE)
     with jax.set_mesh(mesh):
@@ -344,7 +344,7 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
 
     def write(entries):
         last = None
-        for (s_, e_, _), h in zip(entries, jax.device_get([m_ for _, _, m_ in entries])):
+        for (s_, e_, _), h in zip(entries, sharding.to_host([m_ for _, _, m_ in entries])):
             last = {"step": s_, "epoch": e_, **{key: float(v) for key, v in h.items()}}
             log.write(last)
         if last:

@@ -10,7 +10,8 @@ import time
 from tqdm import tqdm
 
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import text, weights
+from montessori_jax.config import MeshConfig
+from montessori_jax.core import sharding, text, weights
 from montessori_jax.errors import UserError
 from montessori_jax.kernels.sampler import Sampler, SamplingParams
 
@@ -112,6 +113,7 @@ def generate_jsonl(
     system: str | None = None,
     progress: bool = True,
     sampler: Sampler | None = None,
+    mesh: MeshConfig | None = None,
 ) -> dict:
     """Generate ``params.n`` samples per input row and append them to ``out_path`` as JSONL.
 
@@ -120,14 +122,16 @@ def generate_jsonl(
     ``sample``, ``text``, ``num_tokens``, ``finish_reason`` (``stop`` or ``length``), written
     per batch (longest prompts first) and flushed. Pairs (id, sample) already in the file are
     skipped, so a rerun after a kill continues without duplicates. ``template_file``: a Jinja
-    chat template file in place of the model's own (when ``model`` is a path). Returns a
-    summary dict.
+    chat template file in place of the model's own (when ``model`` is a path). ``mesh``: where
+    a model given by path is placed (prompts split over its ``data`` axis; None: one device; a
+    loaded model stays where it is). Returns a summary dict.
     """
     if (prompt is None) == (input_path is None):
         raise UserError("give exactly one of a prompt or an input file")
     if isinstance(model, str):
         tokenizer = tokenizer or text.load_tokenizer(model, template_file, key="--chat-template")
-        model = weights.load_model(model)
+        on = sharding.mesh_and_rules(mesh) if mesh is not None else (None, None)
+        model = weights.load_model(model, mesh=on[0], rules=on[1])
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer")
     rows = [{"id": 0, "content": prompt, "index": 0}] if prompt is not None else read_prompt_rows(input_path)

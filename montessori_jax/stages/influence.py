@@ -40,12 +40,12 @@ _REF_CACHE: dict[tuple, dict] = {}
 
 
 def _keep(cached: dict, name: str, value) -> None:
-    cached[name] = (jax.device_get(value), jax.tree.map(lambda x: x.sharding, value))
+    cached[name] = (sharding.to_host(value), jax.tree.map(lambda x: x.sharding, value))
 
 
 def _take(cached: dict, name: str):
     host, shardings = cached[name]
-    return jax.device_put(host, shardings)
+    return sharding.put(host, shardings)
 
 
 def release_reference() -> None:
@@ -110,6 +110,20 @@ def load_warm_student(warm: dict, mesh=None, rules=None) -> WarmStudent:
     # the template the warm-up encoded with (warm states written before the key existed: none)
     tok = text.load_tokenizer(warm["model"], warm.get("chat_template"), key="student.chat_template")
     return WarmStudent(graphdef, state["params"], mu, nu, count, cfg, tok, warm)
+
+
+def _replicated(ref: influence_lib.RefSet, mesh) -> influence_lib.RefSet:
+    """D_ref's chunks on every device of the mesh (each data group scans all of them)."""
+    groups = sharding.put(ref.groups, jax.tree.map(lambda _: sharding.replicated(mesh), ref.groups))
+    return dataclasses.replace(ref, groups=groups)
+
+
+def _rows_on_data(ref: influence_lib.RefSet, mesh) -> influence_lib.RefSet:
+    """D_ref's chunks with each chunk's rows split over data (grad L_ref: each data group sums
+    its share), or on every device when the rows do not divide."""
+    if ref.groups[0]["tokens"].shape[1] % sharding.data_size(mesh):
+        return _replicated(ref, mesh)
+    return dataclasses.replace(ref, groups=sharding.put_rows(ref.groups, mesh, axis=1))
 
 
 def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Example]:
@@ -224,7 +238,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         pad_id = text.pad_id(tok)
         probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
         ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
-        ref = influence_lib.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id)
+        ref = _replicated(influence_lib.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id), mesh)
         ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
@@ -233,6 +247,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         probe_len = batching.bucket_length(max(len(e) for e in probe))
         B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
             student.cfg, len(probe), probe_len, icfg.ref_batch_size, ref_len, icfg.memory_fraction)
+        B = sharding.round_rows(B, mesh)  # the probes of a program split over data (dead rows pad)
         if mem and progress:
             print(f"influence: {B} probing examples per program (estimated "
                   f"{mem['per_example_bytes'] / 2**30:.2f} GiB each, {mem['device_bytes'] / 2**30:.0f} GiB device)")
@@ -255,7 +270,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
             if keep_reference:
                 _keep(cached, "baseline", (baseline, base_nll))
-        baseline = float(baseline)
+        baseline = float(sharding.to_host(baseline))
         exact_fn = influence_lib.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
         if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
@@ -268,12 +283,13 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                 print(f"influence: grad L_ref over {plan['rows_per_chunk']} reference row(s) per chunk, "
                       f"{'with' if plan['remat'] else 'without'} remat (estimated "
                       f"{plan['estimated_bytes'] / 2**30:.1f} GiB)")
-            grad_ref = ref if plan["rows_per_chunk"] == icfg.ref_batch_size else influence_lib.make_ref_set(
-                ref_examples, plan["rows_per_chunk"], pad_id)
             if "g_ref" in cached:
                 g_ref = _take(cached, "g_ref")
             else:
+                grad_ref = _rows_on_data(influence_lib.make_ref_set(ref_examples, plan["rows_per_chunk"], pad_id), mesh)
                 g_ref = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)[1]
+                # held like the params (fsdp x tensor), once for every batch of probes
+                g_ref = sharding.put(g_ref, jax.tree.map(lambda p: p.sharding, params))
                 if keep_reference:
                     _keep(cached, "g_ref", g_ref)
         fo_fn = influence_lib.make_first_order(student.graphdef, hp) if want_fo else None
@@ -285,16 +301,17 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             for k, (idx, batch) in enumerate(batching.batches(sub, B, pad_id=pad_id)):
                 prof = jax.profiler.trace(profile_dir) if (profile_dir and k == 0) else contextlib.nullcontext()
                 with prof:
+                    batch = sharding.put_rows(batch, mesh)
                     cols = {}
                     if want_exact:
-                        drop, unchanged = jax.device_get(exact_fn(params, student.mu, student.nu, student.count,
-                                                                  batch, ref.groups, base_nll, hp.lr))
+                        drop, unchanged = sharding.to_host(exact_fn(params, student.mu, student.nu, student.count,
+                                                                    batch, ref.groups, base_nll, hp.lr))
                         cols["drop"], cols["unchanged"] = drop, unchanged
                     if check_fp32:
-                        cols["drop32"] = jax.device_get(exact32(params, student.mu, student.nu, student.count,
+                        cols["drop32"] = sharding.to_host(exact32(params, student.mu, student.nu, student.count,
                                                                 batch, ref.groups, base_nll32, hp.lr))[0]
                     if want_fo:
-                        cols["pred"] = jax.device_get(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
+                        cols["pred"] = sharding.to_host(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
                 for j, local in enumerate(idx):
                     i = todo[local]
                     row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)

@@ -3,9 +3,11 @@ assistant turns, one output row per input row."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
-from montessori_jax.core import text, weights
+from montessori_jax.config import MeshConfig
+from montessori_jax.core import distributed, sharding, text, weights
 from montessori_jax.errors import UserError
 from montessori_jax.files import read_jsonl, write_jsonl_atomic
 from montessori_jax.kernels.scorer import Scorer
@@ -35,24 +37,35 @@ def encode_score_row(tok, row: dict, where: str, max_len: int | None = None) -> 
     return ex
 
 
+# what ``score`` and ``generate`` run on unless told: every device, rows split over ``data``
+ROWS_MESH = MeshConfig(data=-1, fsdp=1, tensor=1)
+
+
 def score_file(model_path: str, input_path: str, out_path: str, batch_size: int = 8,
-               max_len: int | None = None, dtype: str = "float32", chat_template: str | None = None) -> dict:
-    """``montessori score``: per input row, `nll` (mean over its scored tokens) and `tokens`."""
+               max_len: int | None = None, dtype: str = "float32", chat_template: str | None = None,
+               mesh: MeshConfig = ROWS_MESH) -> dict:
+    """``montessori score``: per input row, `nll` (mean over its scored tokens) and `tokens`.
+
+    The model is placed on ``mesh`` and each batch's rows split over its ``data`` axis (across
+    every process of a cluster); process 0 alone writes ``out_path``."""
     rows = read_jsonl(input_path)
     if not rows:
         raise UserError(f"{input_path}: no rows")
     weights.resolve_path(model_path)
     tok = text.load_tokenizer(model_path, chat_template, key="--chat-template")
     examples = [encode_score_row(tok, r, f"{input_path}, line {r['_line']}", max_len) for r in rows]
-    model = weights.load_model(model_path, dtype=dtype)
-    pad_id = text.pad_id(tok)
-    sums, counts = Scorer.of(model).nll_sums(examples, batch_size, pad_id, progress=True)
+    mesh, rules = sharding.mesh_and_rules(mesh)
+    with jax.set_mesh(mesh):
+        model = weights.load_model(model_path, dtype=dtype, mesh=mesh, rules=rules)
+        sums, counts = Scorer.of(model).nll_sums(examples, batch_size, text.pad_id(tok), progress=distributed.is_writer())
 
     def out_rows():
         for i, (r, s, c) in enumerate(zip(rows, sums, counts)):
             yield {"id": r.get("id", i), "nll": float(s / c), "tokens": int(c)}
 
-    write_jsonl_atomic(out_path, out_rows())
+    if distributed.is_writer():
+        write_jsonl_atomic(out_path, out_rows())
+    distributed.barrier("score")
     total = float(sums.sum() / counts.sum())
     return {"rows": len(rows), "tokens": int(counts.sum()), "mean_nll": total,
             "truncated": int(sum(e.truncated for e in examples))}

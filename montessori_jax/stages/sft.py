@@ -149,7 +149,7 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
         ckpts.close()  # an interrupted run still finishes the checkpoint it was writing
 
     final_eval = eval_loss(step, state["params"]) if scorer else None
-    last_lr = float(optim.current_lr(state["opt_state"])) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
+    last_lr = float(sharding.to_host(optim.current_lr(state["opt_state"]))) if step > 0 else float(optim.wsd_schedule(scfg.optim, total)(0))
     o = scfg.optim
     # lr: what one more step (the influence step) continues at; see optim.continue_lr
     warm = {"checkpoint": os.path.abspath(os.path.join(out_dir, "checkpoints")), "step": step,
@@ -189,7 +189,7 @@ def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig,
         nonlocal t_last
         if not entries:
             return
-        host = jax.device_get([m_ for _, m_ in entries])
+        host = sharding.to_host([m_ for _, m_ in entries])
         now = time.perf_counter()
         n_tok = sum(float(h["tokens"]) for h in host)
         for (s_, _), h in zip(entries, host):
@@ -208,7 +208,7 @@ def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig,
                 order, order_epoch = batching.epoch_order(rows, G, seed, epoch), epoch
             idx = order[k]
             batch = batching.global_batch(rows, idx, G, M, batching.DEFAULT_BUCKETS, pad_id)
-            batch = jax.device_put(batch, train_step.batch_shardings(mesh, rules, batch))
+            batch = sharding.put(batch, train_step.batch_shardings(mesh, rules, batch))
             state, m = step_fn(state, batch)
             step += 1
             write(ready)  # the metrics of steps before this one, which has been dispatched

@@ -38,8 +38,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from montessori_jax import faults
-from montessori_jax.config import BackendConfig, ModelConfig
-from montessori_jax.core import text, weights
+from montessori_jax.config import BackendConfig, MeshConfig, ModelConfig
+from montessori_jax.core import sharding, text, weights
 from montessori_jax.errors import UserError
 from montessori_jax.files import write_json_atomic, write_jsonl_atomic
 from montessori_jax.kernels.sampler import Sampler, SamplingParams
@@ -92,10 +92,14 @@ class TeacherGenerator:
         self.stop_ids = text.stop_token_ids(tokenizer)
 
     @classmethod
-    def load(cls, teacher: ModelConfig | str, *, batch_size: int = 64) -> "TeacherGenerator":
+    def load(cls, teacher: ModelConfig | str, *, batch_size: int = 64, mesh: MeshConfig | None = None
+             ) -> "TeacherGenerator":
+        """The teacher on ``mesh`` (the config's ``mesh`` section: prompts split over ``data``),
+        or on one device without one."""
         cfg = ModelConfig(path=teacher) if isinstance(teacher, str) else teacher
         tokenizer = text.load_tokenizer(cfg.path, cfg.chat_template, key="teacher.chat_template")
-        model = weights.load_model(cfg.path, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+        on = sharding.mesh_and_rules(mesh) if mesh is not None else (None, None)
+        model = weights.load_model(cfg.path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, mesh=on[0], rules=on[1])
         return cls(model, tokenizer, batch_size=batch_size)
 
     def __call__(self, prompts, params, *, n, seed, row_ids, prefix=""):
@@ -190,6 +194,7 @@ def synthesize(
     seed: int = 0,
     generator: Generator | None = None,
     progress: bool = True,
+    mesh: MeshConfig | None = None,
 ) -> dict:
     """Run (or resume, or extend) one synthesis stage into ``out_dir``; returns the summary.
 
@@ -201,6 +206,8 @@ def synthesize(
       seed: the run's seed: prompts and both sampling phases derive from it and ``cfg.iteration``.
       generator: replaces the teacher's sampler (tests, other engines); see ``Generator``.
       progress: show a progress bar.
+      mesh: the config's ``mesh`` section the teacher is placed on (prompts split over
+        ``data``); None: one device.
 
     Raises:
       UserError: a bad seed pool, a folder made with other settings, or splits that need more
@@ -235,7 +242,7 @@ def synthesize(
                desc="synthesize", unit="instr" if target else "prompt", dynamic_ncols=True)
     while not done():
         if generator is None:
-            generator = TeacherGenerator.load(teacher, batch_size=cfg.batch_size)
+            generator = TeacherGenerator.load(teacher, batch_size=cfg.batch_size, mesh=mesh)
         engine = getattr(generator, "settings", None) or {}  # where a server sampled: recorded
         indices = list(range(next_prompt, min(next_prompt + cfg.prompts_per_round, budget)))
         shown = [prompts_lib.prompt_examples(seed_texts, kept, seed=seed, iteration=cfg.iteration, index=i,
@@ -388,7 +395,7 @@ def run_synthesize(cfg, out_dir: str, *, progress: bool = True) -> dict:
         gen = OpenAIGenerator(cfg.generation)
         teacher = f"openai:{gen.client.model}@{cfg.generation.base_url}"
         return synthesize(cfg.synthesis, out_dir, teacher=teacher, seed=cfg.seed, generator=gen, progress=progress)
-    return synthesize(cfg.synthesis, out_dir, teacher=cfg.teacher, seed=cfg.seed, progress=progress)
+    return synthesize(cfg.synthesis, out_dir, teacher=cfg.teacher, seed=cfg.seed, progress=progress, mesh=cfg.mesh)
 
 
 def read_summary(out_dir: str) -> dict:
