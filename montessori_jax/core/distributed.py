@@ -33,6 +33,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from montessori_jax import files
 from montessori_jax.errors import UserError
 
 ENV_COORDINATOR = "MONTESSORI_COORDINATOR"
@@ -270,7 +271,7 @@ def initialize() -> bool:
 def is_writer() -> bool:
     """Whether this process writes the shared artifacts (process 0; the only one alone). Asks
     nothing of JAX's backend when no cluster was joined."""
-    return not jax.distributed.is_initialized() or jax.process_index() == 0
+    return files.is_writer()
 
 
 def barrier(name: str) -> None:
