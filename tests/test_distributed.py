@@ -124,3 +124,39 @@ def test_unreachable_coordinator_fails_in_one_line():
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "after 5 s" in lines[0], r.stderr
     assert 5 <= took < 60
+
+
+@pytest.mark.slow
+def test_two_process_run_equals_one_process(tiny_checkpoint, tmp_path):
+    """`montessori run` (one Montessori iteration, tiny random model) as a cluster of 2
+    processes x 2 CPU devices writes what one process writes."""
+    import json
+    import os
+    import time
+
+    from pipeline_helpers import write_small_sets
+
+    model, _ = tiny_checkpoint
+    sets = write_small_sets(str(tmp_path))
+    helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_helpers.py")
+    timings = {}
+    for name, n, devices in (("one", 1, 1), ("two", 2, 2)):
+        t0 = time.perf_counter()
+        results = run_cluster([helper, str(tmp_path / name), model, *sets], n=n, devices=devices, timeout=900)
+        timings[name] = time.perf_counter() - t0
+        for r in results:
+            assert r.returncode == 0, r.stderr[-3000:]
+    print("wall seconds", timings)
+    a, b = (json.load(open(tmp_path / name / "manifest.json"))["stages"] for name in ("one", "two"))
+    assert list(a) == list(b) and all(r["status"] == "done" for r in b.values())
+    hashed = {"records", "warmup", "probe", "pairs", "model", "answers"}
+    for key in a:
+        for out in hashed & set(a[key]["outputs"]):
+            assert a[key]["outputs"][out]["sha256"] == b[key]["outputs"][out]["sha256"], (key, out)
+    scores = [[json.loads(line) for line in open(tmp_path / name / "iter1/montessori/influence/scores.jsonl")]
+              for name in ("one", "two")]
+    assert [r["id"] for r in scores[0]] == [r["id"] for r in scores[1]]
+    for x, y in zip(*scores):
+        assert abs(x["influence"] - y["influence"]) <= 1e-6, (x, y)
+    nll = [json.load(open(tmp_path / name / "iter1/montessori/eval/nll_student.json"))["ref_nll"] for name in ("one", "two")]
+    assert abs(nll[0] - nll[1]) <= 1e-5

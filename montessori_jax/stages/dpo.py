@@ -149,7 +149,7 @@ def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample
         for k in range(0, len(todo), ref_batch):
             idx = todo[k:k + ref_batch]
             batch = dpo_lib.make_batch(pairs, idx, ref_batch, ref_batch, pad_id)
-            logps = np.asarray(jax.device_get(logps_fn(params, put(batch))), np.float64)
+            logps = np.asarray(sharding.to_host(logps_fn(params, put(batch))), np.float64)
             new = []
             for j, i in enumerate(idx):
                 rows[i] = (float(np.float32(logps[j])), float(np.float32(logps[ref_batch + j])))
