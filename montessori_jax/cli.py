@@ -603,16 +603,21 @@ def main(argv: list[str] | None = None) -> int:
     from montessori_jax.core import distributed
 
     try:
-        distributed.initialize()
+        in_cluster = distributed.initialize()
     except UserError as e:
         print(f"montessori: error: {e}", file=sys.stderr)
         return 2
+    if in_cluster and not distributed.is_writer():
+        sys.stdout = open(os.devnull, "w")  # process 0 prints the reports; the others only errors
     if getattr(args, "compiles", True):
         from montessori_jax.core.xla_cache import use_compilation_cache
 
         use_compilation_cache()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if in_cluster:
+            distributed.barrier("command/end")  # no process leaves before the writer's files are complete
+        return rc
     except UserError as e:
         print(f"montessori: error: {e}", file=sys.stderr)
         return 2

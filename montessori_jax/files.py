@@ -1,7 +1,11 @@
 """Files: JSON and JSONL read with errors that name the line, and written so that a reader
 never sees half a file (a temporary name in the same folder, flushed, then renamed over the
 target); cached sha256 digests; where the project's shared data sets and the packaged ones
-(``montessori_jax/assets``) are."""
+(``montessori_jax/assets``) are.
+
+In a cluster of processes (``core/distributed.py``) every process reads, and one writes: the
+writers here (``write_*_atomic``, ``open_append``, ``remove``) do nothing in the other
+processes, so a stage calls them in every process alike."""
 
 from __future__ import annotations
 
@@ -13,7 +17,64 @@ from collections.abc import Iterable, Mapping
 from montessori_jax.errors import UserError
 
 
+def is_writer() -> bool:
+    """Whether this process writes shared files: process 0 of a JAX cluster, or the only
+    process (no cluster joined: JAX's backend is not started by asking)."""
+    import jax
+
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+class _Discard:
+    """What ``open_append`` gives the processes that do not write: a file that keeps nothing."""
+
+    def write(self, text) -> int:
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for _ in lines:
+            pass
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("not a file: this process does not write shared files")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def open_append(path: str, mode: str = "a"):
+    """``open(path, mode)`` (an append or a fresh write, text or bytes) in the writer; in the
+    other processes of a cluster, a file object that keeps nothing."""
+    if not is_writer():
+        return _Discard()
+    return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def sync_file(f) -> None:
+    """Flush and fsync an ``open_append`` file (nothing for a discarding one)."""
+    f.flush()
+    if not isinstance(f, _Discard):
+        os.fsync(f.fileno())
+
+
+def remove(path: str) -> None:
+    """Delete a file, in the writer only (a missing one is fine)."""
+    if is_writer() and os.path.exists(path):
+        os.remove(path)
+
+
 def write_json_atomic(path: str, obj) -> None:
+    if not is_writer():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -27,7 +88,12 @@ def write_json_atomic(path: str, obj) -> None:
 
 def write_lines_atomic(path: str, lines: Iterable[str]) -> None:
     """Write ``lines`` (each with its newline) to a temporary name beside ``path``, flush, then
-    rename over ``path``; on any error the temporary file goes and ``path`` is untouched."""
+    rename over ``path``; on any error the temporary file goes and ``path`` is untouched.
+    Only the writer of a cluster writes (the others still consume ``lines``)."""
+    if not is_writer():
+        for _ in lines:
+            pass
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

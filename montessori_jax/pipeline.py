@@ -43,9 +43,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from montessori_jax.config import Config, ModelConfig, to_dict
-from montessori_jax.core import weights
+from montessori_jax.core import distributed, weights
 from montessori_jax.errors import ConfigError, UserError
-from montessori_jax.files import PACKAGED_REFERENCE, read_json, sha256_path, write_json_atomic
+from montessori_jax.files import PACKAGED_REFERENCE, is_writer, read_json, sha256_path, write_json_atomic
 from montessori_jax.stages import data as data_lib
 from montessori_jax.stages import dpo, judge, preferences, sft, teacher_shift
 from montessori_jax.stages import eval as eval_lib
@@ -403,12 +403,17 @@ def preflight(cfg: Config) -> None:
 
 def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress: bool = True,
         generator_factory=None, argv: list[str] | None = None) -> dict:
-    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns the final summary."""
+    """Run (or resume) every stage of ``cfg`` in ``run_dir``; returns the final summary.
+
+    In a cluster every process runs this alike: process 0 writes the manifest and prints,
+    and every stage ends with a barrier, so no process starts a stage before the files of the
+    ones before it are complete."""
     if cfg.generation.backend != "jax":
         # the run samples from teachers it makes (the DPO-optimized one), which no server holds
         raise ConfigError(f"generation.backend={cfg.generation.backend}: `montessori run` samples with the jax "
                           "backend only; use the openai backend with `montessori synthesize` and `montessori eval`")
     preflight(cfg)
+    progress = progress and is_writer()
     stages = plan(cfg, run_dir, progress=progress, generator_factory=generator_factory)
     path = os.path.join(run_dir, MANIFEST)
     manifest = read_json(path) if os.path.isdir(run_dir) else None
@@ -440,10 +445,12 @@ def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress:
     manifest.setdefault("invocations", []).append({"at": _now(), "argv": argv, "restart_from": restart_from})
     for s in stages:
         if s.key in redo and s.key in manifest["stages"]:
-            shutil.rmtree(s.dir, ignore_errors=True)
+            if is_writer():
+                shutil.rmtree(s.dir, ignore_errors=True)
             del manifest["stages"][s.key]
     manifest["order"] = [s.key for s in stages]
     write_json_atomic(path, manifest)
+    distributed.barrier("run/start")  # a stage restarted is gone in every process's view
 
     t_run = time.perf_counter()
     for s in stages:
@@ -467,15 +474,18 @@ def run(cfg: Config, run_dir: str, *, restart_from: str | None = None, progress:
             write_json_atomic(path, manifest)
             raise
         rec.update(status="done", finished=_now(), seconds=round(rec["seconds"] + time.perf_counter() - t0, 3),
-                   inputs=_files(inputs, run_dir), outputs=_files(outputs, run_dir),
                    summary=_brief(summary))
+        if is_writer():  # the manifest's hashes: only the writer's manifest is kept
+            rec.update(inputs=_files(inputs, run_dir), outputs=_files(outputs, run_dir))
         rec.pop("error", None)
         write_json_atomic(path, manifest)
+        distributed.barrier(f"run/{s.key}")  # the stage's files are complete before the next reads them
 
     result = _final_summary(cfg, run_dir, stages)
     manifest["seconds_this_invocation"] = round(time.perf_counter() - t_run, 3)
     manifest["summary"] = os.path.join(run_dir, "summary.json")
     write_json_atomic(path, manifest)
+    distributed.barrier("run/end")
     return result
 
 

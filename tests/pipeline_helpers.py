@@ -94,9 +94,12 @@ def tiny_overrides(model: str, ref: str, ev: str, pool: str, arm: str = "both", 
 
 def main(argv: list[str]) -> None:
     """``python pipeline_helpers.py RUN_DIR MODEL REF EVAL POOL``: one Montessori iteration (the
-    subprocess the kill test interrupts)."""
+    subprocess the kill test interrupts, and each process of the 2-process cluster test)."""
     from montessori_jax import pipeline
     from montessori_jax.config import Config, load_config
+    from montessori_jax.core import distributed
+
+    distributed.initialize()  # a cluster when MONTESSORI_* say so (tests/multiproc.py)
 
     run_dir, model, ref, ev, pool = argv
     cfg = load_config(Config, None, tiny_overrides(model, ref, ev, pool, arm="montessori", iterations=1))

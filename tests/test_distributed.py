@@ -48,3 +48,115 @@ def test_cluster_env_errors(monkeypatch):
     monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "1")
     monkeypatch.setenv(distributed.ENV_PROCESS_ID, "0")
     assert distributed.cluster_from_env() is None
+
+
+def test_expand_hostlist():
+    assert distributed.expand_hostlist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert distributed.expand_hostlist("gpu5") == ["gpu5"]
+    assert distributed.expand_hostlist("a[8-10],b1,rack[1-2]-n[1,3]") == [
+        "a8", "a9", "a10", "b1", "rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]
+    with pytest.raises(UserError, match="unbalanced"):
+        distributed.expand_hostlist("node[01-03")
+    with pytest.raises(UserError, match="backwards"):
+        distributed.expand_hostlist("node[5-3]")
+
+
+SLURM = {"SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[03-04]", "SLURM_JOB_NODELIST": "gpu[03-04]",
+         "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+         "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+
+
+def test_slurm_cluster_one_task_per_gpu():
+    c = distributed.slurm_cluster(SLURM)
+    assert c == {"coordinator": f"gpu03:{50000 + 123456 % 10000}", "num_processes": 8, "process_id": 5,
+                 "timeout": 300, "cuda_visible_devices": "1"}
+    # Slurm gave the node a GPU list: the task takes its LOCALID-th entry
+    c = distributed.slurm_cluster({**SLURM, "CUDA_VISIBLE_DEVICES": "4,5,6,7", "MONTESSORI_PORT": "4321",
+                                   "MONTESSORI_INIT_TIMEOUT": "7"})
+    assert (c["coordinator"], c["cuda_visible_devices"], c["timeout"]) == ("gpu03:4321", "5", 7)
+    # srun bound one GPU to each task already: left alone
+    assert distributed.slurm_cluster({**SLURM, "CUDA_VISIBLE_DEVICES": "6"})["cuda_visible_devices"] is None
+    with pytest.raises(UserError, match="one GPU per task"):
+        distributed.slurm_cluster({**SLURM, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_slurm_cluster_one_task_per_node_and_outside_steps():
+    per_node = {**SLURM, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    c = distributed.slurm_cluster(per_node)
+    assert (c["num_processes"], c["process_id"], c["cuda_visible_devices"]) == (2, 1, None)
+    # the batch script itself (one task in its step), a single-task job, an opt-out: no cluster
+    assert distributed.slurm_cluster({**SLURM, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.slurm_cluster({k: v for k, v in SLURM.items() if not k.startswith("SLURM_STEP")}
+                                     | {"SLURM_NTASKS": "1"}) is None
+    assert distributed.slurm_cluster({**SLURM, "MONTESSORI_SLURM": "0"}) is None
+    assert distributed.slurm_cluster({}) is None
+    # uneven task counts per node: "2(x3),1" gives node 3 one task
+    assert distributed._tasks_on_node("2(x3),1", 3) == 1 and distributed._tasks_on_node("2(x3),1", 2) == 2
+
+
+def test_tpu_pod_detection():
+    assert distributed.is_tpu_pod({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3", "TPU_WORKER_ID": "1"})
+    assert distributed.is_tpu_pod({"TPU_PROCESS_ADDRESSES": "a:8476,b:8476"})
+    assert distributed.is_tpu_pod({"MEGASCALE_NUM_SLICES": "2"})
+    assert not distributed.is_tpu_pod({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"})
+    assert not distributed.is_tpu_pod({})
+    assert distributed.is_tpu_pod({"MONTESSORI_TPU_POD": "1"})
+    assert not distributed.is_tpu_pod({"MONTESSORI_TPU_POD": "0", "TPU_WORKER_HOSTNAMES": "a,b"})
+
+
+def test_unreachable_coordinator_fails_in_one_line():
+    """Process 1 of 2 with nothing listening: one line naming the address after the timeout
+    (not JAX's C++ abort)."""
+    import subprocess
+    import sys
+    import time
+
+    from multiproc import cluster_env, free_port
+
+    port = free_port()
+    env = cluster_env(1, 2, port, devices=1, extra={"MONTESSORI_INIT_TIMEOUT": "5"})
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "montessori_jax.cli", "config"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    took = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "after 5 s" in lines[0], r.stderr
+    assert 5 <= took < 60
+
+
+@pytest.mark.slow
+def test_two_process_run_equals_one_process(tiny_checkpoint, tmp_path):
+    """`montessori run` (one Montessori iteration, tiny random model) as a cluster of 2
+    processes x 2 CPU devices writes what one process writes."""
+    import json
+    import os
+    import time
+
+    from pipeline_helpers import write_small_sets
+
+    model, _ = tiny_checkpoint
+    sets = write_small_sets(str(tmp_path))
+    helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_helpers.py")
+    timings = {}
+    for name, n, devices in (("one", 1, 1), ("two", 2, 2)):
+        t0 = time.perf_counter()
+        results = run_cluster([helper, str(tmp_path / name), model, *sets], n=n, devices=devices, timeout=900)
+        timings[name] = time.perf_counter() - t0
+        for r in results:
+            assert r.returncode == 0, r.stderr[-3000:]
+    print("wall seconds", timings)
+    a, b = (json.load(open(tmp_path / name / "manifest.json"))["stages"] for name in ("one", "two"))
+    assert list(a) == list(b) and all(r["status"] == "done" for r in b.values())
+    hashed = {"records", "warmup", "probe", "pairs", "model", "answers"}
+    for key in a:
+        for out in hashed & set(a[key]["outputs"]):
+            assert a[key]["outputs"][out]["sha256"] == b[key]["outputs"][out]["sha256"], (key, out)
+    scores = [[json.loads(line) for line in open(tmp_path / name / "iter1/montessori/influence/scores.jsonl")]
+              for name in ("one", "two")]
+    assert [r["id"] for r in scores[0]] == [r["id"] for r in scores[1]]
+    for x, y in zip(*scores):
+        assert abs(x["influence"] - y["influence"]) <= 1e-6, (x, y)
+    nll = [json.load(open(tmp_path / name / "iter1/montessori/eval/nll_student.json"))["ref_nll"] for name in ("one", "two")]
+    assert abs(nll[0] - nll[1]) <= 1e-5

@@ -137,3 +137,30 @@ def test_truncated_gguf(smollm2_path, tmp_path):
         header_only.write_bytes(f.read(100))
     with pytest.raises(UserError, match=r"head\.gguf: not a readable GGUF file"):
         weights.load_model(str(header_only))
+
+
+def test_export_from_sharded_params_equals_unsharded(tiny_checkpoint, tmp_path):
+    """On a data 2 x fsdp 2 x tensor 2 mesh the export gathers each tensor from its shards: the
+    files are byte for byte the single-device export's, and they equal the params."""
+    from safetensors.numpy import load_file
+
+    from montessori_jax.core import sharding
+
+    folder, _ = tiny_checkpoint
+    mesh = sharding.mesh_from_config(2, 2, 2)
+    sharded = weights.load_model(folder, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    wq = sharded.wq.get_value()
+    assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
+    a = weights.save_hf(sharded, str(tmp_path / "sharded"), max_shard_bytes=40_000)
+    b = weights.save_hf(weights.load_model(folder), str(tmp_path / "single"), max_shard_bytes=40_000)
+    names = sorted(f for f in os.listdir(b) if f.endswith(".safetensors"))
+    assert len(names) > 1 and names == sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))
+    for f in names:
+        with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
+            assert fa.read() == fb.read(), f
+    exported = {k: v for f in names for k, v in load_file(os.path.join(a, f)).items()}
+    original = {k: v for f in os.listdir(folder) if f.endswith(".safetensors")
+                for k, v in load_file(os.path.join(folder, f)).items()}
+    assert exported.keys() == original.keys()
+    for k in original:
+        assert np.array_equal(exported[k], original[k].astype(exported[k].dtype)), k

@@ -31,6 +31,7 @@ from montessori_jax.core.compat import open_gguf
 from montessori_jax.core.model import LlamaConfig, RopeScaling
 from montessori_jax.core.text import embedded_smollm2_path
 from montessori_jax.errors import UserError
+from montessori_jax.files import is_writer
 
 EMBEDDED = "smollm2"
 
@@ -532,7 +533,11 @@ def save_hf(
 ) -> str:
     """Write config.json, generation_config.json, safetensors (sharded with an index past
     ``max_shard_bytes``) and the tokenizer files. Written to a temporary folder beside
-    ``out_dir`` and renamed into place when complete."""
+    ``out_dir`` and renamed into place when complete.
+
+    One tensor at a time (a layer's slice of a stacked param), each gathered from its shards
+    as it is written: the whole model never sits on one host. In a cluster every process
+    takes part in each gather and only the writer (process 0) writes."""
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -542,7 +547,7 @@ def save_hf(
     def produce(ours: str, layer: int | None):
         def get():
             value = state[ours].get_value()
-            host = np.asarray(jax.device_get(value if layer is None else value[layer]), dtype=np.float32)
+            host = np.asarray(sharding_lib.to_host(value if layer is None else value[layer]), dtype=np.float32)
             return inverse[ours](host).astype(np_dtype)
 
         return get
@@ -563,6 +568,10 @@ def save_hf(
         shards[-1].append(spec)
         size += nbytes
 
+    if not is_writer():
+        for _, _, get in specs:  # the writer's gathers need every process
+            get()
+        return out_dir
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)

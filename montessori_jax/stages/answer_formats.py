@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 
 from montessori_jax.core import text
 from montessori_jax.errors import UserError
-from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.core import distributed
+from montessori_jax.files import open_append, read_jsonl, write_json_atomic, write_jsonl_atomic
 from montessori_jax.kernels.sampler import Sampler
 from montessori_jax.stages.generate import read_done
 from montessori_jax.stages.pairs import _rows
@@ -211,16 +212,18 @@ def write_alpaca_eval(get_model, tok, rows: Sequence[dict], out_dir: str, genera
     _check_meta(os.path.join(out_dir, "model_outputs.meta.json"),
                 {"fingerprint": fingerprint(settings), **settings}, partial, final)
     done = _read_partial(partial)
+    distributed.barrier("alpaca_eval/resume")  # every process has read it before the writer appends
     todo = [{"id": i, "turn": 0, "messages": r["instruction"], "key": row_key(i)}
             for i, r in enumerate(rows) if (json.dumps(i), 0) not in done]
     written = 0
     if todo:
         sampler = Sampler(get_model(), pad_id=text.pad_id(tok))
         bar = tqdm(total=len(todo), desc="alpaca_eval", unit="answer", disable=not progress)
-        with open(partial, "a", encoding="utf-8") as f:
+        with open_append(partial) as f:  # in the writer of a cluster only
             _answer_round(sampler, tok, todo, params, text.stop_token_ids(tok), batch_size, system, f, bar)
         bar.close()
         written = len(todo)
+        distributed.barrier("alpaca_eval/answered")
         done = _read_partial(partial)
     answers = [done[(json.dumps(i), 0)] for i in range(len(rows))]
     if written or not os.path.exists(final):
@@ -267,6 +270,7 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     _check_meta(out_path + ".meta.json", {"fingerprint": fingerprint(settings), **settings}, partial, out_path)
     done = _read_partial(partial)
+    distributed.barrier("mt_bench/resume")  # every process has read it before the writer appends
     total = sum(len(q["turns"]) for q in questions)
     todo_n = total - sum((json.dumps(q["question_id"]), t) in done for q in questions for t in range(len(q["turns"])))
     written = 0
@@ -274,7 +278,7 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
         sampler = Sampler(get_model(), pad_id=text.pad_id(tok))
         stop_ids = text.stop_token_ids(tok)
         bar = tqdm(total=todo_n, desc="mt_bench", unit="answer", disable=not progress)
-        with open(partial, "a", encoding="utf-8") as f:
+        with open_append(partial) as f:  # in the writer of a cluster only
             for turn in range(max(len(q["turns"]) for q in questions)):
                 by_temp: dict[float, list[dict]] = {}
                 for q in questions:
@@ -293,6 +297,8 @@ def write_mt_bench(get_model, tok, questions: Sequence[dict], out_path: str, mod
                     p = dataclasses.replace(params, temperature=temp, n=1)
                     _answer_round(sampler, tok, items, p, stop_ids, batch_size, system, f, bar)
                     written += len(items)
+                f.flush()
+                distributed.barrier(f"mt_bench/turn{turn}")
                 done = _read_partial(partial)  # turn k+1 reads turn k's answers
         bar.close()
     rows, answers = [], []

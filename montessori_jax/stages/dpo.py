@@ -50,11 +50,11 @@ from tqdm.auto import tqdm
 
 from montessori_jax import faults
 from montessori_jax.config import Config, DPOConfig
-from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import batching, distributed, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import read_jsonl, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
+from montessori_jax.files import is_writer, open_append, read_jsonl, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.kernels import train_step
 from montessori_jax.stages import metrics as metrics_lib
@@ -140,12 +140,13 @@ def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample
     if rows is None:
         write_lines_atomic(path, [json.dumps(header) + "\n"])
         rows = {}
+    distributed.barrier("dpo/reference-cache")  # every process has read it before the writer appends
     todo = sorted((i for i in range(n) if i not in rows), key=lambda i: (len(pairs[i]), i))
     if todo and status == "reused":
         status = "completed"
     ref_batch = max(1, min(ref_batch, len(todo)))  # no forward over empty pairs when few are left
     bar = tqdm(total=n, initial=n - len(todo), desc="reference log-probs", unit="pair", disable=not progress)
-    with open(path, "a", encoding="utf-8") as out:
+    with open_append(path) as out:
         for k in range(0, len(todo), ref_batch):
             idx = todo[k:k + ref_batch]
             batch = dpo_lib.make_batch(pairs, idx, ref_batch, ref_batch, pad_id)
@@ -155,8 +156,7 @@ def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample
                 rows[i] = (float(np.float32(logps[j])), float(np.float32(logps[ref_batch + j])))
                 new.append(json.dumps({"i": i, "chosen": rows[i][0], "rejected": rows[i][1]}) + "\n")
             out.writelines(new)
-            out.flush()
-            os.fsync(out.fileno())
+            sync_file(out)
             bar.update(len(idx))
     bar.close()
     chosen = np.array([rows[i][0] for i in range(n)], np.float32)
@@ -309,6 +309,7 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
         export_dir = os.path.join(out_dir, "model")
         weights.save_hf(model_lib.merge_params(graphdef, state["params"]), export_dir, tokenizer=tok)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    distributed.barrier("dpo/trained")  # the summary reads the writer's metrics
     plot_dpo(metrics_path, os.path.join(out_dir, "dpo.png"))
     rows_logged = [r for r in metrics_lib.read_rows(metrics_path) if "loss" in r]
     summary = {
@@ -378,6 +379,8 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
 
 def plot_dpo(metrics_path: str, png_path: str) -> str | None:
     """Loss, rewards of both sides, margin and reward accuracy against step (None without matplotlib)."""
+    if not is_writer():  # one process of a cluster draws it
+        return None
     try:
         import matplotlib
 

@@ -48,9 +48,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.config import GenerationConfig
-from montessori_jax.core import sharding, text, weights
+from montessori_jax.core import distributed, sharding, text, weights
 from montessori_jax.errors import UserError
-from montessori_jax.files import read_json, sha256_path, write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import is_writer, read_json, sha256_path, write_json_atomic, write_jsonl_atomic
 from montessori_jax.kernels.sampler import SamplingParams
 from montessori_jax.kernels.scorer import Scorer
 from montessori_jax.stages import answer_formats as af
@@ -213,6 +213,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
     if prompt_rows is not None:
         clean = [{k: v for k, v in r.items() if k != "_where"} for r in prompt_rows]
         write_jsonl_atomic(prompts_path, clean)
+        distributed.barrier("eval/prompts")  # every process reads the writer's prompts.jsonl
         prompts_digest = _digest(clean)
 
     results = {}
@@ -300,6 +301,7 @@ def run_eval(cfg, out_dir: str, models: Mapping[str, str] | None = None, progres
         entry.update(formats)
         results[name] = entry
 
+    distributed.barrier("eval/done")
     rows = [{"name": name, "model": r["path"], "ref_nll": r["ref_nll"], "example_nll": r["example_nll"],
              "ppl": r["ppl"], "mean_answer_tokens": r.get("mean_answer_tokens")} for name, r in results.items()]
     summary = {
@@ -370,6 +372,8 @@ def plot_summary(rows: Sequence[dict], png_path: str, title: str = "reference-an
     """Reference-answer NLL (token mean) per arm: lines over iterations when rows span more
     than one iteration, otherwise bars (one per row). None when matplotlib is absent or
     there are no rows."""
+    if not is_writer():  # one process of a cluster draws it
+        return None
     try:
         import matplotlib
 

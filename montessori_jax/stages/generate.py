@@ -11,8 +11,9 @@ from tqdm import tqdm
 
 from montessori_jax.core import model as model_lib
 from montessori_jax.config import MeshConfig
-from montessori_jax.core import sharding, text, weights
+from montessori_jax.core import distributed, sharding, text, weights
 from montessori_jax.errors import UserError
+from montessori_jax.files import is_writer, open_append
 from montessori_jax.kernels.sampler import Sampler, SamplingParams
 
 
@@ -90,6 +91,8 @@ def read_done(out_path: str) -> set[tuple[str, int]]:
             done.add(key)
             needs_newline = not complete
         keep = end
+    if not is_writer():  # the writer repairs the file; the rows read are the same
+        return done
     if keep < len(data):
         with open(out_path, "r+b") as f:
             f.truncate(keep)
@@ -138,6 +141,7 @@ def generate_jsonl(
     where = input_path or "--prompt"
 
     done = read_done(out_path)
+    distributed.barrier("generate/resume")  # every process has read what is done before the writer appends
     missing = {r["index"]: [j for j in range(params.n) if (_id_key(r["id"]), j) not in done] for r in rows}
     todo = [r for r in rows if missing[r["index"]]]
     prompts = []
@@ -156,7 +160,7 @@ def generate_jsonl(
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     t0 = time.perf_counter()
     bar = tqdm(total=n_todo, unit="sample", disable=not progress, dynamic_ncols=True)
-    with open(out_path, "a", encoding="utf-8") as f:
+    with open_append(out_path) as f:  # in the writer of a cluster only
         batches = sampler.generate_batches(
             prompts, params, stop_ids, batch_size=batch_size, row_ids=[r["index"] for r in todo]
         )
@@ -177,6 +181,7 @@ def generate_jsonl(
             bar.update(len(lines))
             bar.set_postfix(tok_s=f"{summary['tokens'] / (time.perf_counter() - t0):.1f}")
     bar.close()
+    distributed.barrier("generate/written")  # callers read the writer's rows next
     seconds = time.perf_counter() - t0
     summary.update(seconds=round(seconds, 3), tokens_per_s=summary["tokens"] / seconds if seconds > 0 else 0.0,
                    compiled_programs=sampler.num_compiled, compile_seconds=round(sampler.compile_seconds, 3))

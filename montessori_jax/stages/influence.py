@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from montessori_jax import faults
 from montessori_jax.config import Config, InfluenceConfig, OptimConfig
-from montessori_jax.core import batching, optim, sharding, text, weights
+from montessori_jax.core import batching, distributed, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import PACKAGED_REFERENCE, sha256_file, sha256_path, write_json_atomic, write_lines_atomic
+from montessori_jax.files import PACKAGED_REFERENCE, is_writer, open_append, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import influence as influence_lib
 from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import pairs as pairs_lib
@@ -231,6 +231,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     scores_path = os.path.join(out_dir, "scores.jsonl")
     done = _done_ids(scores_path)
     check_settings(out_dir, score_settings(icfg, warm, hp, ref_path), len(done))
+    distributed.barrier("influence/resume")  # every process has read the scores before the writer appends
 
     with jax.set_mesh(mesh):
         student = load_warm_student(warm, mesh, rules)
@@ -297,7 +298,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         t_start, n_done = time.perf_counter(), 0
         bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
         sub = [probe[i] for i in todo]
-        with open(scores_path, "a") as out:
+        with open_append(scores_path) as out:
             for k, (idx, batch) in enumerate(batching.batches(sub, B, pad_id=pad_id)):
                 prof = jax.profiler.trace(profile_dir) if (profile_dir and k == 0) else contextlib.nullcontext()
                 with prof:
@@ -316,8 +317,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                     i = todo[local]
                     row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)
                     out.write(json.dumps(row) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                sync_file(out)
                 faults.point("influence.chunk")
                 n_done += len(idx)
                 bar.update(len(idx))
@@ -325,6 +325,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         bar.close()
         elapsed = time.perf_counter() - t_start
 
+    distributed.barrier("influence/scores-written")  # the summary reads the writer's scores
     summary = summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_done)
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     plot_histogram(scores_path, os.path.join(out_dir, "influence_hist.png"))
@@ -369,6 +370,8 @@ def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> 
 
 
 def plot_histogram(scores_path: str, png_path: str) -> str | None:
+    if not is_writer():  # one process of a cluster draws it
+        return None
     try:
         import matplotlib
 

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_json_atomic
+from montessori_jax.files import is_writer, open_append, write_json_atomic
 from montessori_jax.stages.answer_formats import load_mt_questions, read_mt_answers
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
@@ -327,7 +327,7 @@ def run_judge(cfg, mode: str, questions_path: str, answer_paths: Sequence[str], 
             row["rating"] = parse_rating(reply)
         else:
             row["verdict"] = parse_verdict(reply)
-        with lock, open(path, "a", encoding="utf-8") as f:
+        with lock, open_append(path) as f:  # in the writer of a cluster only
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             done[row["key"]] = row
             bar.update(1)
@@ -412,6 +412,8 @@ def format_table(summary: dict) -> str:
 def plot_table(summary: dict, png_path: str) -> str | None:
     """Bars per category: the mean rating (single) or the first model's win rate with its
     interval (pairwise). None when matplotlib is absent."""
+    if not is_writer():  # one process of a cluster draws it
+        return None
     try:
         import matplotlib
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import write_lines_atomic
+from montessori_jax.files import is_writer, open_append, remove, write_lines_atomic
 
 
 class MetricsLog:
@@ -27,10 +27,11 @@ class MetricsLog:
                     if row.get("step", 0) <= resume_from:
                         kept.append(line if line.endswith("\n") else line + "\n")
             write_lines_atomic(path, kept)
-        elif os.path.exists(path):
-            os.remove(path)
-        self._f = open(path, "a")
-        self._backend = _backend(backend, os.path.dirname(path))
+        else:
+            remove(path)
+        self._f = open_append(path)  # in the writer of a cluster only
+        # the cluster's writer logs; the others check the name alike (one error, in all of them)
+        self._backend = _backend(backend, os.path.dirname(path)) if is_writer() else _backend_name(backend)
 
     def write(self, row: dict) -> None:
         self._f.write(json.dumps(row) + "\n")
@@ -44,7 +45,13 @@ class MetricsLog:
         self._f.close()
 
 
+def _backend_name(name: str) -> None:
+    if name not in ("none", "wandb", "tensorboard"):
+        raise UserError(f"logger={name!r}; expected none, tensorboard or wandb")
+
+
 def _backend(name: str, log_dir: str):
+    _backend_name(name)
     if name == "none":
         return None
     if name == "wandb":
@@ -87,7 +94,10 @@ def read_rows(path: str) -> list[dict]:
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = "loss") -> str | None:
-    """Training (and eval, when present) loss against step; None when matplotlib is absent."""
+    """Training (and eval, when present) loss against step; None when matplotlib is absent or
+    this process is not the cluster's writer."""
+    if not is_writer():
+        return None
     try:
         import matplotlib
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from montessori_jax.config import BackendConfig, GenerationConfig
 from montessori_jax.errors import UserError
+from montessori_jax.files import open_append
 
 
 def request_seed(seed: int, row_id: int) -> int:
@@ -134,7 +135,7 @@ def answer_jsonl(cfg: BackendConfig, out_path: str, rows: list[dict], params: Ge
         return client.chat(msgs, params, n=1, seed=request_seed(seed, r["index"]))[0]
 
     step = max(1, cfg.max_concurrency)
-    with open(out_path, "a", encoding="utf-8") as f:
+    with open_append(out_path) as f:  # in the writer of a cluster only
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             for r, (text, finish, n_tok) in zip(chunk, client.map(one, chunk)):

@@ -24,7 +24,8 @@ import numpy as np
 
 from montessori_jax.config import Config
 from montessori_jax.errors import UserError
-from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import is_writer, read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.core import distributed
 from montessori_jax.stages import influence as influence_stage
 
 SOURCES = ("initial", "optimized")
@@ -83,6 +84,7 @@ def run_teacher_shift(cfg: Config, out_dir: str, *, warm_state: str, initial: st
     os.makedirs(out_dir, exist_ok=True)
     probe = os.path.join(out_dir, "probe.jsonl")
     taken = write_probe(probe, {"initial": initial, "optimized": optimized}, n)
+    distributed.barrier("teacher_shift/probe")  # every process scores the writer's probe.jsonl
     icfg = dataclasses.replace(cfg.influence, warm_state=warm_state, probe=probe)
     inf_summary = influence_stage.run_influence(dataclasses.replace(cfg, influence=icfg),
                                                 os.path.join(out_dir, "influence"), progress=progress)
@@ -121,6 +123,8 @@ def format_lines(summary: dict, label: str = "") -> str:
 
 
 def plot_shift(scores: dict[str, list[float]], png_path: str, summary: dict) -> str | None:
+    if not is_writer():  # one process of a cluster draws it
+        return None
     try:
         import matplotlib
 

@@ -10,6 +10,9 @@ line, and a truncated last line in any file. On resume ``open_run`` reads the co
 rounds, repairs a truncated last line, and cuts each data file back to exactly the rows the
 committed rounds account for; the interrupted round then runs again (its prompts are
 deterministic). No committed row is lost and none is written twice.
+
+In a cluster every process reads the journal and keeps the same rows in memory; only the
+writer (process 0) repairs and appends.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
+from montessori_jax.core import distributed
 from montessori_jax.errors import UserError
+from montessori_jax.files import is_writer, open_append, sync_file
 
 RECORDS, DROPPED, PROGRESS, SUMMARY = "records.jsonl", "dropped.jsonl", "progress.jsonl", "summary.json"
 
@@ -69,6 +74,8 @@ def cut_to_rows(path: str, n_rows: int) -> list[dict]:
             f"{n_rows}; the folder is damaged (use a new output folder)"
         )
     keep = ends[n_rows - 1] if n_rows else 0
+    if not is_writer():  # the writer repairs; the rows kept are the same
+        return rows[:n_rows]
     size = os.path.getsize(path) if os.path.exists(path) else 0
     if size != keep:
         with open(path, "r+b") as f:
@@ -85,14 +92,10 @@ def cut_to_rows(path: str, n_rows: int) -> list[dict]:
 def append_rows(path: str, rows: Iterable[Mapping]) -> None:
     """Append whole lines in one write, then flush and fsync."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not text:
-        if not os.path.exists(path):
-            open(path, "a").close()
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with open_append(path) as f:  # in the writer of a cluster only
+        if text:
+            f.write(text)
+            sync_file(f)
 
 
 class RunJournal:
@@ -110,6 +113,8 @@ class RunJournal:
         self.records: list[dict] = []
         self.dropped: list[dict] = []
         self._open()
+        # every process has read the committed rounds before the writer appends the next one
+        distributed.barrier(f"synthesis/journal:{os.path.abspath(out_dir)}")
 
     def path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
@@ -118,12 +123,11 @@ class RunJournal:
         progress = self.path(PROGRESS)
         lines, ends = read_complete_lines(progress)
         if not lines:
-            with open(progress, "w", encoding="utf-8") as f:  # a fresh run (or a kill mid-header)
+            with open_append(progress, "w") as f:  # a fresh run (or a kill mid-header)
                 f.write(json.dumps({"header": self.header}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                sync_file(f)
             for name in (RECORDS, DROPPED):
-                open(self.path(name), "w").close()
+                open_append(self.path(name), "w").close()
             return
         found = lines[0].get("header")
         if found != self.header:
