@@ -245,8 +245,11 @@ def _join(cluster: dict) -> None:
     else:
         wait_for_coordinator(address, timeout)
     left = max(1, int(timeout - (time.monotonic() - t0)))
+    # every setting is explicit: JAX's own detection would also pin local_device_ids to
+    # SLURM_LOCALID (one GPU per process, even with one task per node)
     jax.distributed.initialize(coordinator_address=address, num_processes=cluster["num_processes"],
-                               process_id=cluster["process_id"], initialization_timeout=left)
+                               process_id=cluster["process_id"], initialization_timeout=left,
+                               cluster_detection_method="deactivate")
 
 
 def initialize() -> bool:
