@@ -845,17 +845,6 @@ def dump_yaml(obj: Any) -> str:
     return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
-def diff(a: Any, b: Any) -> list[str]:
-    """The dotted keys whose values differ between two configs of the same class, in field order.
-
-    A key is as deep as both sides are mappings: ``mesh.rules.embed`` when only that rule
-    changed, ``mesh.rules`` when one side has no rules at all.
-    """
-    if type(a) is not type(b):
-        raise TypeError(f"cannot diff a {type(a).__name__} with a {type(b).__name__}")
-    return _diff(to_dict(a), to_dict(b), "")
-
-
 _ABSENT = object()
 
 
@@ -870,6 +859,10 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
     return [] if a == b else [path]
 
 
-def diff_dicts(a: Mapping, b: Mapping) -> list[str]:
-    """The dotted keys whose values differ between two plain nested dicts (``to_dict``'s kind)."""
+def diff(a: Any, b: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs, or two plain nested dicts
+    (``to_dict``'s kind, e.g. the settings a checkpoint was saved with), in a's field order
+    and then keys only b has. Two configs of different classes are a TypeError."""
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is not type(b):
+        raise TypeError(f"cannot diff a {type(a).__name__} with a {type(b).__name__}")
     return _diff(to_dict(a), to_dict(b), "")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from montessori_jax.errors import UserError
 
@@ -130,6 +131,46 @@ def read_jsonl(path: str) -> list[dict]:
                 raise UserError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
             row["_line"] = n
             rows.append(row)
+    return rows
+
+
+def read_resumable_jsonl(path: str, parse: Callable[[dict], Any] | None = None, what: str = "row") -> list:
+    """The rows of a JSONL file that a stage appends to a whole line at a time (scores, caches,
+    generated rows, judgments, metrics), each through ``parse`` when given.
+
+    Only the last line can be cut short by a kill: when it is not a complete row (invalid JSON,
+    or ``parse`` raises KeyError, TypeError or ValueError) the writer cuts it off the file;
+    when it is complete but lacks its newline, the writer adds it, so the next append starts
+    a line of its own. A bad line before the last is an error naming the file and line.
+    No file: no rows.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    pieces = data.split(b"\n")  # the last piece is b"" when the file ends with a newline
+    rows, keep, needs_newline = [], 0, False
+    for lineno, raw in enumerate(pieces, 1):
+        complete = lineno < len(pieces)
+        if raw.strip():
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict):
+                    raise TypeError("not an object")
+                rows.append(parse(row) if parse else row)
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+                if complete:
+                    raise UserError(f"{path}, line {lineno}: not a {what}; the file is damaged") from None
+                break  # the line a kill cut short
+            needs_newline = not complete
+        keep += len(raw) + complete
+    if is_writer():  # the writer repairs the file; every process reads the same rows
+        if keep < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+        if needs_newline:
+            with open(path, "ab") as f:
+                f.write(b"\n")
     return rows
 
 

@@ -311,14 +311,13 @@ def test_diff_lists_changed_keys_in_field_order():
     assert diff(reordered, more) == ["mesh.rules.vocab", "mesh.rules.embed"]
 
 
-def test_diff_dicts_names_nested_keys():
-    from montessori_jax.config import diff_dicts
+def test_diff_names_nested_keys_of_plain_dicts():
 
     saved = {"dpo": {"max_steps": None, "optim": {"lr": 1e-6}}, "seed": 0}
-    assert diff_dicts(saved, saved) == []
-    assert diff_dicts(saved, {"dpo": {"max_steps": 3, "optim": {"lr": 1e-5}}, "seed": 0}) == [
+    assert diff(saved, saved) == []
+    assert diff(saved, {"dpo": {"max_steps": 3, "optim": {"lr": 1e-5}}, "seed": 0}) == [
         "dpo.max_steps", "dpo.optim.lr"]
-    assert diff_dicts(saved, {"dpo": {"max_steps": None, "optim": {"lr": 1e-6}}, "seed": 0, "new": 1}) == ["new"]
+    assert diff(saved, {"dpo": {"max_steps": None, "optim": {"lr": 1e-6}}, "seed": 0, "new": 1}) == ["new"]
 
 
 def test_dpo_eval_fraction_must_be_below_one():

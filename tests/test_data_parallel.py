@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from montessori_jax.core import model as M
 from montessori_jax.core import sharding as S
 from montessori_jax.core import text, weights
 from montessori_jax.kernels.scorer import Scorer

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from montessori_jax.core import model as M
@@ -43,11 +45,12 @@ def test_sharded_forward_equals_single_device(shape):
     fwd = _forward(graphdef)
     ref = np.asarray(fwd(state, **batch))
     mesh = S.mesh_from_config(*shape)
-    placed = S.place(state, mesh)
+    placed = jax.device_put(state, S.state_shardings(state, mesh))
     wq = placed["wq"].get_value()
     assert len(wq.sharding.device_set) == 8
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
     with jax.set_mesh(mesh):
-        out = fwd(placed, **S.shard_batch(batch, mesh))
+        out = fwd(placed, **S.put(batch, {k: rows for k in batch}))
     assert np.abs(np.asarray(out) - ref).max() <= 1e-5
 
 

@@ -40,7 +40,7 @@ def test_chatml_response_only_labels(smol):
 
 
 def test_chatml_template_and_stops(smol):
-    assert text.has_own_template(smol)
+    assert smol.chat_template != text.LLAMA3_DEFAULT_TEMPLATE  # its own
     assert text.stop_token_ids(smol) == [2]
     ids = text.encode_prompt(smol, "Hi", system="Be brief.")
     rendered = smol.decode(ids)
@@ -49,7 +49,7 @@ def test_chatml_template_and_stops(smol):
 
 
 def test_llama3_default_template_labels(tiny):
-    assert not text.has_own_template(tiny)
+    assert tiny.chat_template == text.LLAMA3_DEFAULT_TEMPLATE  # the fallback
     assert tiny.chat_template == text.LLAMA3_DEFAULT_TEMPLATE
     prompt, response = "the dog sat", "the cat ran in the park"
     ex = text.encode_example(tiny, prompt, response)
@@ -212,7 +212,7 @@ def test_chat_template_file_replaces_the_tokenizers_own(tmp_path):
     path.write_text(BRACKET_TEMPLATE, encoding="utf-8")
     own = text.load_tokenizer(str(folder))
     tok = text.load_tokenizer(str(folder), str(path))
-    assert tok.chat_template == BRACKET_TEMPLATE and text.has_own_template(tok)
+    assert tok.chat_template == BRACKET_TEMPLATE
     # encoded prompts and examples use the file's template (a file's one trailing newline is dropped)
     assert tok.decode(text.encode_prompt(tok, "  the dog sat ")) == "[user]the dog sat</s>[assistant]"
     ex = text.encode_example(tok, "the dog sat", "the cat ran")

@@ -170,6 +170,15 @@ class Llama(nnx.Module):
     # The per-layer weights, stacked on axis 0, as a dict the scan walks over.
     LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
+    def head(self, h_xD: jax.Array) -> jax.Array:
+        """The LM head on final hidden states [..., D]: logits [..., V], accumulated and returned
+        in fp32. A tied head contracts against the embedding as stored ([V, D]), so XLA never
+        materialises its transpose."""
+        dt = DTYPES[self.cfg.dtype]
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("...D,VD->...V", h_xD, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,DV->...V", h_xD, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+
     def __call__(
         self,
         tokens_BT: jax.Array,
@@ -251,11 +260,7 @@ class Llama(nnx.Module):
         (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers)))
 
         h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_eps, dt)
-        if return_hidden:
-            out = h_BTD
-        else:
-            head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-            out = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV.astype(dt)).astype(jnp.float32)
+        out = h_BTD if return_hidden else self.head(h_BTD)
         if cache is None:
             return out
         return out, {"k": kv[0], "v": kv[1], "valid": valid_BS}

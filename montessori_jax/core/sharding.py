@@ -144,27 +144,6 @@ def dict_shardings(params: Mapping, axes: Mapping[str, tuple], mesh: jax.shardin
             for name, v in params.items()}
 
 
-def place(state, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
-    """Put every value of an nnx.State onto the mesh according to its logical names."""
-    return put(state, state_shardings(state, mesh, rules))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
-    """Batch arrays [B, ...]: the batch axis over the data-parallel mesh axes."""
-    axes = rules.get("batch")
-    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
-
-
-def shard_batch(batch, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
-    """Place a dict of [B, ...] arrays with the batch axis split over data x fsdp."""
-    return put(batch, {k: batch_sharding(mesh, rules, np.ndim(v)) for k, v in batch.items()})
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows split over ``data``: what the inference stages (influence probes, scoring, evaluation,
-# sampling) run, each data group on its share of the rows with the params on fsdp x tensor
-
-
 def mesh_of(tree) -> jax.sharding.Mesh | None:
     """The mesh the arrays of ``tree`` are placed on (the first NamedSharding), or None."""
     for leaf in jax.tree.leaves(tree):

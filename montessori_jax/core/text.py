@@ -160,12 +160,6 @@ def _load_tokenizer_cached(path: str):
     return tok
 
 
-def has_own_template(tok) -> bool:
-    """False when ``load_tokenizer`` had to fall back to ``LLAMA3_DEFAULT_TEMPLATE`` (a
-    template given as a file counts as the tokenizer's own)."""
-    return tok.chat_template != LLAMA3_DEFAULT_TEMPLATE
-
-
 # --------------------------------------------------------------------------- templates
 
 

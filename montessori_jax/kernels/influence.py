@@ -112,20 +112,6 @@ def make_ref_set(examples: Sequence[text.Example], rows_per_chunk: int, pad_id: 
     return RefSet(groups, len(examples), n_tokens)
 
 
-def ref_loss_sums(graphdef, params: dict, groups) -> tuple[jax.Array, jax.Array]:
-    """(sum, count) of the token NLL over all of D_ref, one chunk at a time."""
-
-    def chunk(carry, b):
-        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        s, c = batch_token_nll(logits, b["tokens"], b["loss_mask"])
-        return (carry[0] + s, carry[1] + c), None
-
-    total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    for g in groups:
-        total, _ = jax.lax.scan(chunk, total, g)
-    return total
-
-
 def ref_token_nll(graphdef, params: dict, groups) -> tuple:
     """The per-token NLL of every D_ref target under ``params``: one [chunks, rows, T-1] array
     per group. Computed once for the warm params, it is the baseline each example's per-token

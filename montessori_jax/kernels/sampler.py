@@ -249,17 +249,6 @@ def _token_logprobs(logits_BV: jax.Array, tok_B: jax.Array, K: int):
     return lp_B, top_lp_BK, top_id_BK.astype(jnp.int32)
 
 
-def _logits_from_hidden(model: model_lib.Llama, h_BD: jax.Array) -> jax.Array:
-    """The LM head on final hidden states, fp32 out. A tied head contracts against the
-    embedding as stored ([V, D]), so XLA never materialises its transpose."""
-    dt = model_lib.DTYPES[model.cfg.dtype]
-    if model.cfg.tie_embeddings:
-        w_VD = model.embed[...].astype(dt)
-        return jnp.einsum("BD,VD->BV", h_BD, w_VD, preferred_element_type=jnp.float32)
-    w_DV = model.lm_head[...].astype(dt)
-    return jnp.einsum("BD,DV->BV", h_BD, w_DV, preferred_element_type=jnp.float32)
-
-
 @dataclasses.dataclass
 class BatchOutput:
     """Host arrays of one decoded batch, rows prompt-major (prompt i, sample j at i * n + j).
@@ -348,7 +337,7 @@ class Sampler:
         h_BpPD, cache = model(
             tokens_BpP, batch["positions"], batch["segment_ids"], cache=cache, cache_index=0, return_hidden=True
         )
-        logits_BpV = _logits_from_hidden(model, h_BpPD[:, -1])
+        logits_BpV = model.head(h_BpPD[:, -1])
 
         # n samples per prompt: repeat the prompt's cache and logits, rows prompt-major
         cache = {
@@ -424,7 +413,7 @@ class Sampler:
                 cache_index=P + step - 1,
                 return_hidden=True,
             )
-            logits_BV = _logits_from_hidden(model, h_B1D[:, 0])
+            logits_BV = model.head(h_B1D[:, 0])
             tok_B = _sample_step(logits_BV, s["seen"], s["keys"], step, knobs)
             tok_B = jnp.where(live_B, tok_B, self.pad_id).astype(jnp.int32)
             hit_B = live_B & jnp.isin(tok_B, knobs["stop_ids"])

@@ -54,7 +54,7 @@ from montessori_jax.core import batching, distributed, optim, sharding, text, we
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append, read_jsonl, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
+from montessori_jax.files import is_writer, open_append, read_jsonl, read_resumable_jsonl, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.kernels import train_step
 from montessori_jax.stages import metrics as metrics_lib
@@ -99,31 +99,15 @@ def reference_fingerprint(pairs_path: str, model_path: str, param_dtype: str, dt
 
 
 def _read_cache(path: str, fingerprint: str) -> dict[int, tuple[float, float]] | None:
-    """The complete rows of a cache with this fingerprint (a line cut by a kill is dropped and
-    the file repaired); None when there is no such cache."""
-    if not os.path.exists(path):
+    """The rows of a cache with this fingerprint (a last line cut by a kill is cut off the
+    file); None when there is no such cache."""
+    rows = read_resumable_jsonl(path, what="reference log-prob row")
+    if not rows or rows[0].get("fingerprint") != fingerprint:
         return None
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
     try:
-        header = json.loads(lines[0]) if lines and lines[0].endswith("\n") else {}
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("fingerprint") != fingerprint:
-        return None
-    good, rows = [lines[0]], {}
-    for line in lines[1:]:
-        if not line.endswith("\n"):
-            break
-        try:
-            r = json.loads(line)
-            rows[int(r["i"])] = (float(r["chosen"]), float(r["rejected"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            break
-        good.append(line)
-    if len(good) != len(lines):
-        write_lines_atomic(path, good)
-    return rows
+        return {int(r["i"]): (float(r["chosen"]), float(r["rejected"])) for r in rows[1:]}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: a row is not a reference log-prob row; remove the file to recompute it") from None
 
 
 def reference_logps(path: str, header: dict, pairs: Sequence[dpo_lib.PairExample], logps_fn, params,

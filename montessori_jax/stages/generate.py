@@ -13,7 +13,7 @@ from montessori_jax.core import model as model_lib
 from montessori_jax.config import MeshConfig
 from montessori_jax.core import distributed, sharding, text, weights
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append
+from montessori_jax.files import open_append, read_resumable_jsonl
 from montessori_jax.kernels.sampler import Sampler, SamplingParams
 
 
@@ -62,44 +62,10 @@ def _id_key(rid) -> str:
 
 
 def read_done(out_path: str) -> set[tuple[str, int]]:
-    """(id, sample) pairs already in an output file.
-
-    Rows are written whole, newline last, so only the last line can be cut short by a kill:
-    it is cut off the file (or given its newline, when the JSON is complete). A bad line
-    before it is an error naming the file and line.
-    """
-    done: set[tuple[str, int]] = set()
-    if not os.path.exists(out_path):
-        return done
-    with open(out_path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")  # the last piece is b"" when the file ends with a newline
-    keep, needs_newline = 0, False
-    for lineno, raw in enumerate(lines, 1):
-        complete = lineno < len(lines)
-        end = keep + len(raw) + complete
-        if raw.strip():
-            try:
-                row = json.loads(raw)
-                key = (_id_key(row["id"]), int(row["sample"]))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                if complete:
-                    raise UserError(
-                        f"{out_path}:{lineno}: not a generated row (expected JSON with id and sample)"
-                    ) from None
-                break  # the truncated last line
-            done.add(key)
-            needs_newline = not complete
-        keep = end
-    if not is_writer():  # the writer repairs the file; the rows read are the same
-        return done
-    if keep < len(data):
-        with open(out_path, "r+b") as f:
-            f.truncate(keep)
-    if needs_newline:
-        with open(out_path, "ab") as f:
-            f.write(b"\n")
-    return done
+    """(id, sample) pairs already in an output file (a last line cut by a kill is cut off the
+    file: ``files.read_resumable_jsonl``)."""
+    return set(read_resumable_jsonl(out_path, lambda row: (_id_key(row["id"]), int(row["sample"])),
+                                    "generated row (expected JSON with id and sample)"))
 
 
 def generate_jsonl(

@@ -25,7 +25,7 @@ from montessori_jax.core import batching, distributed, optim, sharding, text, we
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import PACKAGED_REFERENCE, is_writer, open_append, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
+from montessori_jax.files import PACKAGED_REFERENCE, is_writer, open_append, sha256_file, read_resumable_jsonl, sha256_path, sync_file, write_json_atomic
 from montessori_jax.kernels import influence as influence_lib
 from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import pairs as pairs_lib
@@ -132,21 +132,8 @@ def _examples(tok, pairs, icfg: InfluenceConfig, max_len: int) -> list[text.Exam
 
 
 def _done_ids(path: str) -> set:
-    """Ids already scored; a last line cut by a kill is removed."""
-    done, good = set(), []
-    if not os.path.exists(path):
-        return done
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if line.endswith("\n"):
-                done.add(json.dumps(row["id"]))
-                good.append(line)
-    write_lines_atomic(path, good)
-    return done
+    """Ids already scored; a last line cut by a kill is cut off the file."""
+    return set(read_resumable_jsonl(path, lambda row: json.dumps(row["id"]), "score row"))
 
 
 def score_settings(icfg: InfluenceConfig, warm: dict, hp: influence_lib.AdamHP, ref_path: str) -> dict:

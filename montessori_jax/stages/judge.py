@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append, write_json_atomic
+from montessori_jax.files import is_writer, open_append, read_resumable_jsonl, write_json_atomic
 from montessori_jax.stages.answer_formats import load_mt_questions, read_mt_answers
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
@@ -258,27 +258,8 @@ def build_requests(mode: str, questions: Sequence[dict], answers: Sequence[dict]
 
 
 def read_judgments(path: str) -> dict[str, dict]:
-    """Judgment rows by key; a last line cut by a kill is removed from the file first."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        data = f.read()
-    lines, keep = data.split(b"\n"), 0
-    rows = {}
-    for n, raw in enumerate(lines, 1):
-        if raw.strip():
-            try:
-                row = json.loads(raw)
-                rows[row["key"]] = row
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                if n < len(lines):
-                    raise UserError(f"{path}:{n}: not a judgment row") from None
-                break
-        keep += len(raw) + (n < len(lines))
-    if keep < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return rows
+    """Judgment rows by key; a last line cut by a kill is cut off the file first."""
+    return dict(read_resumable_jsonl(path, lambda row: (row["key"], row), "judgment row"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import os
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append, remove, write_lines_atomic
+from montessori_jax.files import is_writer, open_append, read_resumable_jsonl, remove, write_lines_atomic
 
 
 class MetricsLog:
@@ -17,16 +17,8 @@ class MetricsLog:
     def __init__(self, path: str, backend: str = "none", resume_from: int | None = None):
         self.path = path
         if resume_from is not None and os.path.exists(path):
-            kept = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if row.get("step", 0) <= resume_from:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            write_lines_atomic(path, kept)
+            kept = [row for row in read_resumable_jsonl(path, what="metrics row") if row.get("step", 0) <= resume_from]
+            write_lines_atomic(path, [json.dumps(row) + "\n" for row in kept])
         else:
             remove(path)
         self._f = open_append(path)  # in the writer of a cluster only

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from montessori_jax import faults
-from montessori_jax.config import Config, SFTConfig, diff_dicts
+from montessori_jax.config import Config, SFTConfig, diff
 from montessori_jax.core import batching, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
@@ -68,7 +68,7 @@ def changed_settings(saved: dict | None, settings: dict) -> str:
             d = d.get(part) if isinstance(d, dict) else None
         return d
 
-    keys = diff_dicts(saved, settings)
+    keys = diff(saved, settings)
     if not keys:
         return ""
     return " (changed: " + ", ".join(f"{k} {get(saved, k)!r} -> {get(settings, k)!r}" for k in keys) + ")"
