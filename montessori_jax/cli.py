@@ -509,6 +509,71 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def cmd_plan(args) -> int:
+    from montessori_jax.config import Config, load_config
+    from montessori_jax.files import write_json_atomic
+    from montessori_jax.stages import plan
+
+    shapes = {}
+    for item in args.model_shape or []:
+        role, sep, name = item.rpartition("=")
+        roles = [role] if sep else ["teacher", "student"]
+        if sep and role not in ("teacher", "student"):
+            raise UserError(f"--model-shape {item}: expected NAME, teacher=NAME or student=NAME")
+        shapes.update({r: name for r in roles})
+    cfg = load_config(Config, args.config, args.overrides)
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices {args.devices}: must be >= 1")
+    if args.devices is None:
+        import jax
+
+        from montessori_jax.kernels.influence_memory import device_memory_bytes
+
+        devices, device_bytes = jax.device_count(), device_memory_bytes()
+    else:
+        devices, device_bytes = args.devices, None
+    if args.device_memory:
+        device_bytes = plan.parse_bytes(args.device_memory)
+    if device_bytes is None:
+        raise UserError("--devices N needs --device-memory SIZE (e.g. 80GB) for devices other than these")
+    result = plan.plan(cfg, devices, device_bytes, shapes, args.prompt_len)
+    print(plan.format_plan(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def _add_plan(sub) -> None:
+    from montessori_jax.core.model import SHAPES
+
+    p = sub.add_parser(
+        "plan",
+        help="bytes per device of each stage of a config, the mesh, and whether it fits",
+        description="For each stage of the config (synthesis, warm-up, influence, DPO, final SFT, eval) "
+        "the GiB per device of params, AdamW state, gradients, activations with and without remat, the "
+        "sampler's KV cache, the influence working set and the batch B it would choose, and DPO's "
+        "reference pass; the mesh (mesh.data/fsdp/tensor, -1 takes the rest of N devices); and a "
+        "verdict per stage. Model shapes come from the checkpoint at teacher.path / student.path "
+        "(config.json or GGUF metadata); for a path not present here, from the folder's name when it "
+        f"names a known model, or from --model-shape (known: {', '.join(SHAPES)}). Estimates are "
+        "fp32 upper bounds; docs/plan.md compares them with measured peaks.",
+    )
+    p.add_argument("-c", "--config", default=None, help="a YAML preset, e.g. configs/paper_tinyllama.yaml")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="plan for N devices (default: the devices present, with their memory)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory per device, e.g. 80GB or 95GiB (GB = GiB = 2**30; default: the present "
+                   "device's, or the host RAM on CPU)")
+    p.add_argument("--model-shape", action="append", metavar="[ROLE=]NAME",
+                   help=f"the model's shape instead of its checkpoint: NAME for both, or teacher=NAME / "
+                   f"student=NAME; NAME one of {', '.join(SHAPES)}")
+    p.add_argument("--prompt-len", type=int, default=1024, metavar="N",
+                   help="prompt tokens the sampler is planned for (synthesis, eval answers)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. mesh.tensor=2")
+    p.set_defaults(func=cmd_plan, compiles=False)
+
+
 def cmd_status(args) -> int:
     from montessori_jax import pipeline
 
@@ -579,7 +644,7 @@ def _add_serve(sub) -> None:
 
 # Each entry adds one subcommand; later stages append theirs.
 COMMANDS = [_add_score, _add_generate, _add_config, _add_synthesize, _add_sft, _add_influence, _add_eval,
-            _add_preferences, _add_dpo, _add_run, _add_status, _add_compare, _add_judge, _add_serve, _add_bench]
+            _add_preferences, _add_dpo, _add_run, _add_plan, _add_status, _add_compare, _add_judge, _add_serve, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,17 +5,10 @@ from __future__ import annotations
 import os
 import platform
 
-RANDOM_PRESETS = {
-    # TinyLlama 1.1B: the 1B-class student of the paper
-    "tinyllama": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
-                      max_position_embeddings=2048),
-    # Llama-3-8B: the paper's teacher
-    "llama3-8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                      rope_theta=500000.0, max_position_embeddings=8192),
-    # a few MB: for trying the command
-    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                 max_position_embeddings=1024),
-}
+from montessori_jax.core import model as model_lib
+
+# random-weight models of the real shapes (core.model.SHAPES), without SmolLM2's
+RANDOM_PRESETS = {name: model_lib.SHAPES[name] for name in ("tinyllama", "llama3-8b", "tiny")}
 
 
 def machine_info() -> dict:

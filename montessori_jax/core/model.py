@@ -78,6 +78,24 @@ class LlamaConfig:
         return self.vocab_size * d + self.n_layers * per_layer + d + head
 
 
+
+# Shapes of the models this project names (``montessori plan --model-shape``, random-weight
+# benchmarks): the architecture only, no weights.
+SHAPES: dict[str, dict] = {
+    # SmolLM2-135M-Instruct: the embedded default (tied head)
+    "smollm2-135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                         rope_theta=100000.0, tie_embeddings=True, max_position_embeddings=8192),
+    # TinyLlama 1.1B: the 1B-class student of the paper
+    "tinyllama": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+                      max_position_embeddings=2048),
+    # Llama-3-8B (and -Instruct): the paper's teacher and its large student
+    "llama3-8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      rope_theta=500000.0, max_position_embeddings=8192),
+    # a few MB: for trying commands
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                 max_position_embeddings=1024),
+}
+
 # ---------------------------------------------------------------------------------------------
 # RoPE
 

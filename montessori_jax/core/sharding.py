@@ -40,22 +40,29 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_from_config(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> dict[str, int]:
+    """{axis: size} of the (data, fsdp, tensor) mesh over ``n_devices``; one size may be -1 to
+    take the devices the others leave over."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh: {len(devices)} devices do not divide by data*tensor={known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices do not divide by data*tensor={known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) != n_devices:
         raise ConfigError(
-            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} != {len(devices)} devices"
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} != {n_devices} devices"
         )
-    return _make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    return dict(zip(MESH_AXES, sizes))
+
+
+def mesh_from_config(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return _make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices)
 
 
 def parse_mesh(value: str, key: str = "--mesh"):
@@ -118,6 +125,27 @@ def spec_for(
         used.update(kept)
         entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return P(*entries)
+
+
+class _MeshShape:
+    """A stand-in for a mesh where only its axis sizes matter (planning without devices)."""
+
+    def __init__(self, shape: Mapping[str, int]):
+        self.shape = dict(shape)
+
+
+def per_device_elements(logical_axes: tuple[str | None, ...] | None, shape: tuple[int, ...],
+                        mesh_shape: Mapping[str, int], rules: Mapping = DEFAULT_RULES) -> int:
+    """How many elements of an array one device holds on a mesh of these axis sizes, by the same
+    rules as ``spec_for`` (an axis that does not divide its dimension replicates it)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    if logical_axes is None:
+        return n
+    spec = spec_for(logical_axes, shape, _MeshShape(mesh_shape), rules)
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            n //= mesh_shape[axis]
+    return n
 
 
 def _is_var(x) -> bool:

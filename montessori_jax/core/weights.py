@@ -429,6 +429,11 @@ def _source(path: str, param_dtype: str, dtype: str) -> _Source:
     raise UserError(f"{path}: expected an HF checkpoint folder or a .gguf file")
 
 
+def read_config(path: str, param_dtype: str = "float32", dtype: str = "float32") -> LlamaConfig:
+    """The architecture of the checkpoint at ``path`` (config.json or GGUF metadata; no weights read)."""
+    return _source(path, param_dtype, dtype).cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading into a (possibly sharded) model
 
