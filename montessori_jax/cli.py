@@ -139,7 +139,10 @@ def _add_influence(sub) -> None:
                    help="overrides influence.estimator; `both` adds an agreement report")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
                    help="bfloat16: the precision probe (params held in bf16, as the original code does)")
-    p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of the first chunk")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the first chunk in steady state: a jax.profiler trace in DIR, XLA's FLOPs and "
+                   "bytes per example, achieved FLOP/s, MFU where the device's peak is known, each phase's time "
+                   "(DIR/profile.json; see docs/profiling.md)")
     p.set_defaults(func=cmd_influence)
 
 
