@@ -144,7 +144,10 @@ def _add_influence(sub) -> None:
                    help="overrides influence.estimator; `both` adds an agreement report")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
                    help="bfloat16: the precision probe (params held in bf16, as the original code does)")
-    p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of the first chunk")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the first chunk in steady state: a jax.profiler trace in DIR, XLA's FLOPs and "
+                   "bytes per example, achieved FLOP/s, MFU where the device's peak is known, each phase's time "
+                   "(DIR/profile.json; see docs/profiling.md)")
     p.set_defaults(func=cmd_influence)
 
 
@@ -385,7 +388,9 @@ def _bench_sft(args):
     from montessori_jax.bench import sft as bench_sft
 
     return bench_sft, bench_sft.bench_sft(model=args.model, batch=args.batch_size or 4, length=args.length,
-                                          steps=args.steps)
+                                          steps=args.steps, random=args.random, dtype=args.dtype,
+                                          param_dtype=args.param_dtype or "float32", remat=args.remat,
+                                          compare_torch=not args.no_transformers)
 
 
 def _bench_influence(args):
@@ -393,7 +398,7 @@ def _bench_influence(args):
 
     return bench_influence, bench_influence.bench_influence(
         model=args.model, n_ref=args.ref_rows, n_probe=args.probes, n_original=args.original,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, random=args.random, dtype=args.dtype)
 
 
 def _bench_generate(args):
@@ -416,7 +421,9 @@ def _bench_dpo(args):
     from montessori_jax.bench import dpo as bench_dpo
 
     return bench_dpo, bench_dpo.bench_dpo(model=args.model, random=args.random, batch=args.batch_size or 2,
-                                          length=args.length, steps=args.steps)
+                                          length=args.length, steps=args.steps, dtype=args.dtype,
+                                          param_dtype=args.param_dtype or "float32", remat=args.remat,
+                                          compare_torch=not args.no_transformers)
 
 
 def _bench_serve(args):
@@ -459,7 +466,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--ref-rows", type=int, default=16, help="influence: D_ref rows")
     p.add_argument("--probes", type=int, default=32,
                    help="influence: probing examples ((c) pays grad L_ref once, so c/b grows with this)")
-    p.add_argument("--original", type=int, default=3, help="influence: examples for the original procedure")
+    p.add_argument("--original", type=int, default=3,
+                   help="influence: examples for the original procedure (0: skip it)")
     p.add_argument("--batch-sizes", default="1,16", help="generate: comma-separated batch sizes")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="generate: tokens per row (no early stop); serve: max_tokens per request")
@@ -467,10 +475,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="generate")
     p.add_argument("--top-k", type=int, default=0, help="generate")
     p.add_argument("--repeats", type=int, default=3, help="generate: timed runs per batch size (best kept)")
-    p.add_argument("--no-transformers", action="store_true", help="generate: time ours only")
+    p.add_argument("--no-transformers", action="store_true", help="generate, sft, dpo: time ours only")
     p.add_argument("--random", default=None, metavar="PRESET",
-                   help="generate, dpo: a random-init model instead (tinyllama, llama3-8b, tiny)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generate: params and compute")
+                   help="generate, sft, influence, dpo: a random-init model of a real shape instead, no download "
+                   "(tinyllama, llama3-8b, tiny)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the matmuls (generate: of the params too)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="sft, dpo: params and AdamW moments (default float32)")
+    p.add_argument("--remat", action="store_true", help="sft, dpo: recompute each layer's activations in the backward")
     p.add_argument("--candidates", type=int, default=10_000, help="dedup: synthetic candidate instructions")
     p.add_argument("--rouge-pairs", type=int, default=20_000,
                    help="dedup: pairs rouge-score is timed on (extrapolated to all pairs)")

@@ -73,15 +73,29 @@ def test_cli_outputs_and_summary(warm, capsys):
         assert r["ref_loss_after"] == pytest.approx(summary["baseline_ref_loss"] - r["influence"], abs=1e-6)
 
 
-def test_profile_writes_a_trace_of_the_influence_program(warm):
+def test_profile_writes_a_trace_and_prints_the_programs_costs(warm, capsys):
     d, warm_dir, probe, ref = warm
     trace_dir = d / "trace"
     assert main(["influence", "--out", str(d / "profiled"), "--profile", str(trace_dir),
-                 "--estimator", "first_order", *_args(warm_dir, probe, ref)]) == 0
+                 "--estimator", "both", *_args(warm_dir, probe, ref)]) == 0
     traces = [os.path.join(root, f) for root, _, files in os.walk(trace_dir) for f in files
               if f.endswith((".xplane.pb", ".trace.json.gz"))]
     assert traces and all(os.path.getsize(t) > 0 for t in traces), traces
     assert len(open(d / "profiled" / "scores.jsonl").read().splitlines()) == 10
+    out = capsys.readouterr().out
+    for name in ("exact", "first_order"):
+        assert f"{name}: XLA cost analysis per example: " in out and " bytes accessed" in out
+        assert f"{name}: matmul FLOPs per example" in out
+        assert f"{name}: steady state" in out and " FLOP/s; MFU unknown (no peak for this device)" in out
+    assert "phases, one example each as its own program: example_gradient" in out
+    p = json.loads((trace_dir / "profile.json").read_text())
+    assert p["examples_per_call"] == 2 and p["peak_bf16_flops"] is None
+    for r in p["programs"].values():
+        assert r["xla_flops_per_example"] > 0 and r["xla_bytes_accessed_per_example"] > 0
+        assert r["seconds_per_example"] > 0 and r["achieved_flops_per_s"] > 0 and r["mfu"] is None
+    # the exact program adds a pass over D_ref per example to the first-order one's step
+    assert p["programs"]["exact"]["matmul_flops_per_example"] > p["programs"]["first_order"]["matmul_flops_per_example"]
+    assert set(p["phases_one_example"]) == {"example_gradient", "adamw_update", "reference_pass"}
 
 
 def test_resume_after_kill_gives_the_same_scores(warm):

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.bench.common import RANDOM_PRESETS, machine_info
+from montessori_jax.bench.common import build_model, cost_fields, machine_info
 from montessori_jax.config import DPOOptimConfig
 from montessori_jax.core import model as model_lib
-from montessori_jax.core import optim, text, weights
+from montessori_jax.core import optim, profiling, text, weights
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.kernels import train_step
 
@@ -47,16 +47,12 @@ def _copy(tree):
 
 
 def bench_dpo(model: str = "smollm2", random: str | None = None, batch: int = 2, length: int = 256,
-              steps: int = 3, warmup: int = 1, beta: float = 0.1) -> dict:
-    import torch
-
-    if random:
-        mcfg = model_lib.LlamaConfig(**RANDOM_PRESETS[random])
-        ours = model_lib.create(mcfg, seed=0)
-        name = f"random {random}"
-    else:
-        ours = weights.load_model(model)
-        name = model
+              steps: int = 3, warmup: int = 1, beta: float = 0.1, dtype: str = "float32",
+              param_dtype: str = "float32", remat: bool = False, compare_torch: bool = True) -> dict:
+    """dtype: the matmuls' compute dtype; param_dtype: params and AdamW moments.
+    compare_torch=False: ours only. MFU: the cached step's matmul FLOPs (from its jaxpr) per
+    second against the device's bf16 peak."""
+    ours, name = build_model(model, random, param_dtype, dtype, remat)
     cfg = ours.cfg
     n = warmup + steps
     pairs = _pairs(n * batch, length, cfg.vocab_size)
@@ -76,10 +72,13 @@ def bench_dpo(model: str = "smollm2", random: str | None = None, batch: int = 2,
     batches = [dpo_lib.make_batch(pairs, list(range(s * batch, (s + 1) * batch)), batch, batch, 0, (ref[0], ref[1]))
                for s in range(n)]
 
+    flops = {}
+
     def time_ours(live: bool):
         step = dpo_lib.make_train_step(graphdef, tx, beta, live_reference=live)
         state = train_step.init_state(_copy(params), tx)
         extra = (params,) if live else ()
+        flops[live] = profiling.matmul_flops(step, state, batches[0], *extra)
         t0 = time.perf_counter()
         state, m = step(state, batches[0], *extra)
         first_loss = float(m["loss"])
@@ -95,6 +94,32 @@ def bench_dpo(model: str = "smollm2", random: str | None = None, batch: int = 2,
 
     ours_cached = time_ours(False)
     ours_live = time_ours(True)
+    rows = 2 * batch
+    result = {
+        "bench": "dpo",
+        "model": name,
+        "params_m": round(cfg.num_params() / 1e6, 2),
+        "pairs_per_step": batch,
+        "length": length,
+        "rows_per_forward": rows,
+        "steps_timed": steps,
+        "beta": beta,
+        "dtype": dtype,
+        "param_dtype": param_dtype,
+        "ours": {"cached_s_per_step": ours_cached[0], "live_s_per_step": ours_live[0],
+                 "cached_compile_s": ours_cached[1], "live_compile_s": ours_live[1],
+                 "first_loss": ours_cached[2], "last_loss_cached": ours_cached[3], "last_loss_live": ours_live[3],
+                 "reference_pass_s_per_pair": ref_pass_s / len(pairs),
+                 "tokens_per_s_cached": rows * length / ours_cached[0],
+                 "matmul_flops_per_step": {"cached": flops[False], "live": flops[True]}},
+        **cost_fields(flops[False] / ours_cached[0]),
+        "live_over_cached": {"ours": ours_live[0] / ours_cached[0]},
+        "log2": math.log(2),
+        "machine": machine_info(),
+    }
+    if not compare_torch:
+        return result
+    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         weights.save_hf(ours, os.path.join(tmp, "m"))
@@ -146,40 +171,38 @@ def bench_dpo(model: str = "smollm2", random: str | None = None, batch: int = 2,
 
     torch_cached = time_torch(False)
     torch_live = time_torch(True)
-    rows = 2 * batch
-    return {
-        "bench": "dpo",
-        "model": name,
-        "params_m": round(cfg.num_params() / 1e6, 2),
-        "pairs_per_step": batch,
-        "length": length,
-        "rows_per_forward": rows,
-        "steps_timed": steps,
-        "beta": beta,
-        "ours": {"cached_s_per_step": ours_cached[0], "live_s_per_step": ours_live[0],
-                 "cached_compile_s": ours_cached[1], "live_compile_s": ours_live[1],
-                 "first_loss": ours_cached[2], "last_loss_cached": ours_cached[3], "last_loss_live": ours_live[3],
-                 "reference_pass_s_per_pair": ref_pass_s / len(pairs)},
-        "torch": {"cached_s_per_step": torch_cached[0], "live_s_per_step": torch_live[0],
-                  "first_loss": torch_cached[1], "last_loss_cached": torch_cached[2], "last_loss_live": torch_live[2]},
-        "live_over_cached": {"ours": ours_live[0] / ours_cached[0], "torch": torch_live[0] / torch_cached[0]},
-        "torch_over_ours": {"cached": torch_cached[0] / ours_cached[0], "live": torch_live[0] / ours_live[0]},
-        "log2": math.log(2),
-        "machine": machine_info(),
-    }
+    result["torch"] = {"cached_s_per_step": torch_cached[0], "live_s_per_step": torch_live[0],
+                       "first_loss": torch_cached[1], "last_loss_cached": torch_cached[2],
+                       "last_loss_live": torch_live[2]}
+    result["live_over_cached"]["torch"] = torch_live[0] / torch_cached[0]
+    result["torch_over_ours"] = {"cached": torch_cached[0] / ours_cached[0], "live": torch_live[0] / ours_live[0]}
+    return result
 
 
 def format_table(r: dict) -> str:
-    o, t = r["ours"], r["torch"]
-    return "\n".join([
+    o, t = r["ours"], r.get("torch")
+    lines = [
         f"bench dpo: {r['model']} ({r['params_m']}M params), {r['pairs_per_step']} pairs x {r['length']} tokens "
-        f"per step ({r['rows_per_forward']} rows per forward), {r['steps_timed']} timed steps",
+        f"per step ({r['rows_per_forward']} rows per forward), {r.get('dtype', 'float32')} compute, "
+        f"{r.get('param_dtype', 'float32')} params, {r['steps_timed']} timed steps",
         f"{'s/step':10} {'cached ref':>11} {'live ref':>10} {'live/cached':>12}",
         f"{'ours':10} {o['cached_s_per_step']:11.4f} {o['live_s_per_step']:10.4f} {r['live_over_cached']['ours']:11.2f}x",
-        f"{'pytorch':10} {t['cached_s_per_step']:11.4f} {t['live_s_per_step']:10.4f} {r['live_over_cached']['torch']:11.2f}x",
-        f"pytorch / ours time: cached {r['torch_over_ours']['cached']:.2f}x, live {r['torch_over_ours']['live']:.2f}x"
-        f"   (ours compiled in {o['cached_compile_s']:.1f} s + {o['live_compile_s']:.1f} s)",
-        f"first-step loss (log 2 = {r['log2']:.6f}): ours {o['first_loss']:.6f}, pytorch {t['first_loss']:.6f}; "
-        f"last: ours {o['last_loss_cached']:.6f} / {o['last_loss_live']:.6f}, "
-        f"pytorch {t['last_loss_cached']:.6f} / {t['last_loss_live']:.6f} (cached / live)",
-    ])
+    ]
+    if t is not None:
+        lines += [
+            f"{'pytorch':10} {t['cached_s_per_step']:11.4f} {t['live_s_per_step']:10.4f} "
+            f"{r['live_over_cached']['torch']:11.2f}x",
+            f"pytorch / ours time: cached {r['torch_over_ours']['cached']:.2f}x, live {r['torch_over_ours']['live']:.2f}x"
+            f"   (ours compiled in {o['cached_compile_s']:.1f} s + {o['live_compile_s']:.1f} s)",
+        ]
+    line = (f"first-step loss (log 2 = {r['log2']:.6f}): ours {o['first_loss']:.6f}"
+            + (f", pytorch {t['first_loss']:.6f}" if t else "")
+            + f"; last: ours {o['last_loss_cached']:.6f} / {o['last_loss_live']:.6f}"
+            + (f", pytorch {t['last_loss_cached']:.6f} / {t['last_loss_live']:.6f}" if t else "") + " (cached / live)")
+    lines.append(line)
+    if "achieved_flops_per_s" in r:
+        mfu = r["mfu"]
+        lines.append(f"ours cached: {r['achieved_flops_per_s']:.3g} matmul FLOP/s, MFU "
+                     + (f"{mfu:.1%}" if mfu is not None else "unknown (no peak for this device)")
+                     + f", peak memory {r['peak_memory_gb']:.2f} GiB ({r['peak_memory_measured']})")
+    return "\n".join(lines)

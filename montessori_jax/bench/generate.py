@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from montessori_jax.bench.common import RANDOM_PRESETS, machine_info
+from montessori_jax.bench.common import RANDOM_PRESETS, cost_fields, machine_info
 from montessori_jax.core import model as model_lib
 from montessori_jax.core import text, weights
 from montessori_jax.errors import UserError
@@ -172,6 +172,9 @@ def bench_generate(
         "compiled_programs": sampler.num_compiled,
         "compile_s": sampler.compile_seconds,
         "results": rows,
+        # decoding's matmul FLOPs ~ 2 x params per new token (attention over the cache left out)
+        "params": ours_model.cfg.num_params(),
+        **cost_fields(2 * ours_model.cfg.num_params() * max(r["ours_tok_s"] for r in rows)),
     }
 
 
@@ -214,6 +217,11 @@ def format_table(result: dict) -> str:
         "  ".join(h.rjust(w) for h, w in zip(head, widths)),
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
+    if "achieved_flops_per_s" in result:
+        mfu = result["mfu"]
+        lines.append(f"best batch: ~{result['achieved_flops_per_s']:.3g} FLOP/s (2 x params per token), MFU "
+                     + (f"{mfu:.1%}" if mfu is not None else "unknown (no peak for this device)")
+                     + f"; peak memory {result['peak_memory_gb']:.2f} GiB ({result['peak_memory_measured']})")
     lines.append(f"compiled programs: {result['compiled_programs']} ({result['compile_s']:.1f} s, not timed); "
                  f"load average before/after: {result['load_average']['before']} / {result['load_average']['after']}")
     return "\n".join(lines)

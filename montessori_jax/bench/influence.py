@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from montessori_jax.bench.common import machine_info
+from montessori_jax.bench.common import build_model, cost_fields, machine_info, standin_example
 from montessori_jax.config import OptimConfig
-from montessori_jax.core import batching, optim, text, weights
+from montessori_jax.core import batching, optim, profiling, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.core.losses import batch_token_nll
@@ -114,8 +114,12 @@ def _original_procedure(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per
 
 def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, n_original: int = 3,
                     lr: float = 5e-6, batch_size: int | None = None, ref_rows_per_chunk: int = 4,
-                    ref_path: str | None = None, probe_path: str | None = None, progress: bool = True) -> dict:
-    """``ref_path``, ``probe_path``: by default the shared data sets (``files.shared_data_path``)."""
+                    ref_path: str | None = None, probe_path: str | None = None, progress: bool = True,
+                    random: str | None = None, dtype: str = "float32") -> dict:
+    """``ref_path``, ``probe_path``: by default the shared data sets (``files.shared_data_path``).
+    random: a ``RANDOM_PRESETS`` shape instead of ``model``, texts encoded by
+    ``standin_example``; dtype: the matmuls' compute dtype (params and the update stay fp32).
+    n_original=0 skips (a)."""
     say = print if progress else (lambda *a, **k: None)
     ref_path = ref_path or shared_data_path("reference_alpaca_eval_gpt4_1106.jsonl")
     probe_path = probe_path or shared_data_path("self_instruct_seed_tasks.jsonl")
@@ -123,16 +127,25 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         if not os.path.exists(path):
             raise UserError(f"{path}: no such file (bench influence reads the shared data sets; "
                             f"set {SHARED_DATA_ENV} to the folder that holds them)")
-    m = weights.load_model(model)
+    m, name = build_model(model, random, "float32", dtype)
     cfg = m.cfg
-    tok = text.load_tokenizer(model)
-    pad = text.pad_id(tok)
+    if random is None:
+        tok = text.load_tokenizer(model)
+        pad = text.pad_id(tok)
+
+        def encode(p, r, max_len):
+            return text.encode_example(tok, p, r, max_len=max_len)
+    else:
+        pad = 0
+
+        def encode(p, r, max_len):
+            return standin_example(p, r, cfg.vocab_size, max_len)
     graphdef, params = model_lib.split_params(m)
     del m
 
-    probes = [text.encode_example(tok, p, r, max_len=ORIGINAL_LEN) for p, r in _seed_task_pairs(probe_path, n_probe)]
-    warm_ex = [text.encode_example(tok, p, r, max_len=256) for p, r in _seed_task_pairs(probe_path, 4, skip=n_probe)]
-    ref_ex = [text.encode_example(tok, p, r, max_len=ORIGINAL_LEN) for p, r in _ref_pairs(ref_path, n_ref)]
+    probes = [encode(p, r, ORIGINAL_LEN) for p, r in _seed_task_pairs(probe_path, n_probe)]
+    warm_ex = [encode(p, r, 256) for p, r in _seed_task_pairs(probe_path, 4, skip=n_probe)]
+    ref_ex = [encode(p, r, ORIGINAL_LEN) for p, r in _ref_pairs(ref_path, n_ref)]
     ref = influence_lib.make_ref_set(ref_ex, ref_rows_per_chunk, pad)
 
     # the warm state: one warm-up step at the influence lr, saved to disk for (a); no gradient
@@ -161,11 +174,12 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     (baseline, base_nll), t_base = _timed(base_fn, params, ref.groups)
     exact_fn = influence_lib.make_exact(graphdef, hp)
     t0 = time.perf_counter() - compile_base
-    compiled = {}
+    compiled, exact_flops = {}, {}
     for _, b in batches:
         shape = b["tokens"].shape
         if shape not in compiled:
             compiled[shape] = exact_fn.lower(params, mu, nu, count, b, ref.groups, base_nll, lr).compile()
+            exact_flops[shape] = profiling.matmul_flops(exact_fn, params, mu, nu, count, b, ref.groups, base_nll, lr)
     compile_b = time.perf_counter() - t0
     exact = np.zeros(len(probes))
     t0 = time.perf_counter()
@@ -173,7 +187,9 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         drop, _ = compiled[b["tokens"].shape](params, mu, nu, count, b, ref.groups, base_nll, lr)
         exact[idx] = np.asarray(drop)[: len(idx)]
         say(f"  {len(idx)} examples, {time.perf_counter() - t0:.1f} s so far")
-    t_exact = time.perf_counter() - t0 + t_base
+    t_exact_examples = time.perf_counter() - t0
+    t_exact = t_exact_examples + t_base
+    exact_matmul_flops = sum(exact_flops[b["tokens"].shape] for _, b in batches)
 
     # (c) first order
     say("(c) first-order")
@@ -199,16 +215,21 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     t_first = t_gref + t_fo_examples
     del g_ref
 
+    # the exact program's FLOP/s and memory, before (a) adds its own
+    costs = cost_fields(exact_matmul_flops / t_exact_examples)
+
     # (a) the original procedure
-    say(f"(a) original: {n_original} examples")
-    with tempfile.TemporaryDirectory(prefix="bench-influence-") as workdir:
-        ckpts = Checkpoints(os.path.join(workdir, "warm"))
-        try:
-            ckpts.save(1, state, {"step": 1}, wait=True)
-            compile_a, reload_s, step_s, refpass_s, original = _original_procedure(
-                graphdef, tx, state, ckpts, ref_ex, probes[:n_original], ref_rows_per_chunk, pad)
-        finally:
-            ckpts.close()
+    compile_a, reload_s, step_s, refpass_s, original = None, [float("nan")], [float("nan")], [float("nan")], []
+    if n_original > 0:
+        say(f"(a) original: {n_original} examples")
+        with tempfile.TemporaryDirectory(prefix="bench-influence-") as workdir:
+            ckpts = Checkpoints(os.path.join(workdir, "warm"))
+            try:
+                ckpts.save(1, state, {"step": 1}, wait=True)
+                compile_a, reload_s, step_s, refpass_s, original = _original_procedure(
+                    graphdef, tx, state, ckpts, ref_ex, probes[:n_original], ref_rows_per_chunk, pad)
+            finally:
+                ckpts.close()
     per_a = float(np.mean(np.array(reload_s) + np.array(step_s) + np.array(refpass_s)))
     per_b = t_exact / len(probes)
     per_c = t_first / len(probes)
@@ -219,9 +240,10 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     # example: c/b at P probes, from this run's measured parts
     per_b_marginal = (t_exact - t_base) / len(probes)
     growth = {str(p): (per_b_marginal + t_base / p) / (per_fo + t_gref / p) for p in (16, 32, 64, 256, 1024, 6000)}
-    return {
+    r = {
         "bench": "influence",
-        "model": model,
+        "model": name,
+        "dtype": dtype,
         "params_m": round(cfg.num_params() / 1e6, 1),
         "n_ref_rows": ref.n_rows,
         "n_ref_target_tokens": ref.n_tokens,
@@ -242,28 +264,40 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         "ratio_exact_over_first_order_at_probes": growth,
         "compile_s": {"original": compile_a, "exact": compile_b, "first_order": compile_c},
         "agreement_exact_vs_first_order": agree,
-        "original_vs_exact_max_abs_diff": float(np.abs(np.array(original) - exact[:n_a]).max()),
+        "original_vs_exact_max_abs_diff": (float(np.abs(np.array(original) - exact[:n_a]).max()) if n_a
+                                           else float("nan")),
+        "exact_matmul_flops_per_example": exact_matmul_flops / len(probes),
+        **costs,
         "baseline_ref_loss": float(baseline),
         "influence": {"exact": exact.tolist(), "first_order": first.tolist(), "original": original},
         "machine": machine_info(),
     }
+    if not n_a:  # (a) skipped: no numbers rather than NaN in the JSON
+        r["s_per_example"]["original"] = r["ratio_original_over_exact"] = r["original_vs_exact_max_abs_diff"] = None
+        r["original_breakdown_s"] = None
+    return r
 
 
 def format_table(r: dict) -> str:
     s = r["s_per_example"]
     a = r["agreement_exact_vs_first_order"]
-    bd = r["original_breakdown_s"]
+    bd = r["original_breakdown_s"] or {k: float("nan") for k in ("reload", "step", "reference_pass")}
+    nan = float("nan")
     return "\n".join([
         f"bench influence: {r['model']} ({r['params_m']}M), D_ref {r['n_ref_rows']} rows "
         f"({r['ref_real_tokens']} tokens), {r['n_probe']} probes (original: {r['n_original']}), lr {r['lr']:g}, B={r['batch_size']}",
         f"{'':14} {'s/example':>10}",
-        f"{'(a) original':14} {s['original']:10.2f}   reload {bd['reload']:.2f} + step {bd['step']:.2f} + reference pass {bd['reference_pass']:.2f}",
+        f"{'(a) original':14} {s['original'] if s['original'] is not None else nan:10.2f}   reload {bd['reload']:.2f} + step {bd['step']:.2f} + reference pass {bd['reference_pass']:.2f}",
         f"{'(b) exact':14} {s['exact']:10.2f}",
         f"{'(c) first-ord':14} {s['first_order']:10.2f}   grad L_ref once {r['first_order_breakdown_s']['grad_ref_once']:.1f} s"
         f" + {r['first_order_breakdown_s']['per_example']:.2f} s per example",
-        f"b/a speedup {r['ratio_original_over_exact']:.2f}x, c/b speedup {r['ratio_exact_over_first_order']:.2f}x",
+        f"b/a speedup {r['ratio_original_over_exact'] or nan:.2f}x, c/b speedup {r['ratio_exact_over_first_order']:.2f}x",
         "c/b at P probes, from the measured parts: " + ", ".join(
             f"{p}: {v:.1f}x" for p, v in r.get("ratio_exact_over_first_order_at_probes", {}).items()),
         f"exact vs first-order: Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.1%}; "
-        f"original vs exact max |diff| {r['original_vs_exact_max_abs_diff']:.2e}",
-    ])
+        f"original vs exact max |diff| {r['original_vs_exact_max_abs_diff'] or nan:.2e}",
+    ] + ([f"(b) exact: {r['exact_matmul_flops_per_example']:.3g} matmul FLOPs per example, "
+          f"{r['achieved_flops_per_s']:.3g} FLOP/s, MFU "
+          + (f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown (no peak for this device)")
+          + f"; peak memory {r['peak_memory_gb']:.2f} GiB ({r['peak_memory_measured']})"]
+         if "achieved_flops_per_s" in r else []))

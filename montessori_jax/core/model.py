@@ -193,9 +193,11 @@ class Llama(nnx.Module):
         in fp32. A tied head contracts against the embedding as stored ([V, D]), so XLA never
         materialises its transpose."""
         dt = DTYPES[self.cfg.dtype]
-        if self.cfg.tie_embeddings:
-            return jnp.einsum("...D,VD->...V", h_xD, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", h_xD, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            if self.cfg.tie_embeddings:
+                return jnp.einsum("...D,VD->...V", h_xD, self.embed[...].astype(dt),
+                                  preferred_element_type=jnp.float32)
+            return jnp.einsum("...D,DV->...V", h_xD, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
     def __call__(
         self,
@@ -243,26 +245,28 @@ class Llama(nnx.Module):
             """One decoder layer. kv: None, or the whole cache (k, v) [L, B, S, K, E] that this
             layer writes its T new slots into, in place (it rides in the scan's carry, so the
             decode loop never copies the cache)."""
-            h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps, dt)
-            q = jnp.einsum("BTD,DHE->BTHE", h_BTD, p["wq"].astype(dt))
-            k = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wk"].astype(dt))
-            v = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wv"].astype(dt))
-            q = apply_rope(q, positions_BT, inv_freq)
-            k = apply_rope(k, positions_BT, inv_freq)
-            if kv is not None:
-                k_all, v_all = kv
-                at = (layer, 0, cache_index, 0, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-                kv = (k_all, v_all)
-                k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
-            attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
-            x_BTD = x_BTD + jnp.einsum("BTHE,HED->BTD", attn, p["wo"].astype(dt))
-            h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps, dt)
-            gate = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_gate"].astype(dt))
-            up = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_up"].astype(dt))
-            x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+            with jax.named_scope("attention"):  # names in profiles: attention, mlp, lm_head
+                h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps, dt)
+                q = jnp.einsum("BTD,DHE->BTHE", h_BTD, p["wq"].astype(dt))
+                k = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wk"].astype(dt))
+                v = jnp.einsum("BTD,DKE->BTKE", h_BTD, p["wv"].astype(dt))
+                q = apply_rope(q, positions_BT, inv_freq)
+                k = apply_rope(k, positions_BT, inv_freq)
+                if kv is not None:
+                    k_all, v_all = kv
+                    at = (layer, 0, cache_index, 0, 0)
+                    k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                    v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+                    kv = (k_all, v_all)
+                    k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
+                    v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
+                attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
+                x_BTD = x_BTD + jnp.einsum("BTHE,HED->BTD", attn, p["wo"].astype(dt))
+            with jax.named_scope("mlp"):
+                h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps, dt)
+                gate = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_gate"].astype(dt))
+                up = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_up"].astype(dt))
+                x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
             return x_BTD, kv
 
         if cfg.remat:

@@ -158,6 +158,9 @@ def example_grads(graphdef, params: dict, ex: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The compiled programs
 
+# their phases, as ``jax.named_scope`` names in a profile's trace
+PHASES = ("example_gradient", "adamw_update", "reference_pass")
+
 
 def make_exact(graphdef, hp: AdamHP, param_dtype=jnp.float32):
     """jit(params, mu, nu, count, probes [B, T], ref groups, base_nll, lr)
@@ -169,10 +172,13 @@ def make_exact(graphdef, hp: AdamHP, param_dtype=jnp.float32):
     """
 
     def one(params, mu, nu, count, ex, groups, base_nll, lr):
-        grads = example_grads(graphdef, params, ex)
-        delta = adamw_update(params, grads, mu, nu, count, hp, lr)
-        new = apply_delta(params, delta, param_dtype)
-        drop = ref_loss_drop(graphdef, new, groups, base_nll)
+        with jax.named_scope(PHASES[0]):
+            grads = example_grads(graphdef, params, ex)
+        with jax.named_scope(PHASES[1]):
+            delta = adamw_update(params, grads, mu, nu, count, hp, lr)
+            new = apply_delta(params, delta, param_dtype)
+        with jax.named_scope(PHASES[2]):
+            drop = ref_loss_drop(graphdef, new, groups, base_nll)
         same = sum(jnp.sum(new[k] == params[k].astype(param_dtype)) for k in params)
         total = sum(v.size for v in params.values())
         return drop, same / total
@@ -187,7 +193,8 @@ def make_baseline(graphdef, param_dtype=jnp.float32):
 
     def base(params, groups):
         held = {k: v.astype(param_dtype) for k, v in params.items()}
-        nll = ref_token_nll(graphdef, held, groups)
+        with jax.named_scope(PHASES[2]):
+            nll = ref_token_nll(graphdef, held, groups)
         count = sum(g["loss_mask"][..., 1:].sum() for g in groups)
         return sum(x.sum() for x in nll) / count, nll
 
@@ -241,8 +248,29 @@ def make_first_order(graphdef, hp: AdamHP):
     """jit(params, mu, nu, count, probes [B, T], g_ref, lr) -> predicted influence [B]."""
 
     def one(params, mu, nu, count, ex, g_ref, lr):
-        grads = example_grads(graphdef, params, ex)
-        delta = adamw_update(params, grads, mu, nu, count, hp, lr)
-        return -sum(jnp.vdot(g_ref[k], delta[k]) for k in params)
+        with jax.named_scope(PHASES[0]):
+            grads = example_grads(graphdef, params, ex)
+        with jax.named_scope(PHASES[1]):
+            delta = adamw_update(params, grads, mu, nu, count, hp, lr)
+        with jax.named_scope("first_order_dot"):
+            return -sum(jnp.vdot(g_ref[k], delta[k]) for k in params)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0, None, None)))
+
+
+def make_phase_programs(graphdef, hp: AdamHP, param_dtype=jnp.float32) -> dict:
+    """The kernel's phases for one example, each its own jitted program (for timing them apart,
+    as ``--profile`` does): name -> (fn, which earlier outputs it takes).
+
+    example_gradient(params, ex) -> grads; adamw_update(params, grads, mu, nu, count, lr) ->
+    theta_z; reference_pass(theta_z, groups, base_nll) -> influence.
+    """
+
+    def update(params, grads, mu, nu, count, lr):
+        return apply_delta(params, adamw_update(params, grads, mu, nu, count, hp, lr), param_dtype)
+
+    return {
+        PHASES[0]: jax.jit(lambda params, ex: example_grads(graphdef, params, ex)),
+        PHASES[1]: jax.jit(update),
+        PHASES[2]: jax.jit(lambda new, groups, base_nll: ref_loss_drop(graphdef, new, groups, base_nll)),
+    }

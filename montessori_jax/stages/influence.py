@@ -8,7 +8,6 @@ made with other settings is an error naming the changed keys, never a mix of old
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -285,21 +284,22 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         t_start, n_done = time.perf_counter(), 0
         bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
         sub = [probe[i] for i in todo]
+        if profile_dir and sub:
+            first = sharding.put_rows(next(iter(batching.batches(sub, B, pad_id=pad_id)))[1], mesh)
+            _profile(profile_dir, student, hp, p_dtype, exact_fn, fo_fn, ref, base_nll, g_ref, first, B, progress)
         with open_append(scores_path) as out:
-            for k, (idx, batch) in enumerate(batching.batches(sub, B, pad_id=pad_id)):
-                prof = jax.profiler.trace(profile_dir) if (profile_dir and k == 0) else contextlib.nullcontext()
-                with prof:
-                    batch = sharding.put_rows(batch, mesh)
-                    cols = {}
-                    if want_exact:
-                        drop, unchanged = sharding.to_host(exact_fn(params, student.mu, student.nu, student.count,
-                                                                    batch, ref.groups, base_nll, hp.lr))
-                        cols["drop"], cols["unchanged"] = drop, unchanged
-                    if check_fp32:
-                        cols["drop32"] = sharding.to_host(exact32(params, student.mu, student.nu, student.count,
-                                                                batch, ref.groups, base_nll32, hp.lr))[0]
-                    if want_fo:
-                        cols["pred"] = sharding.to_host(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
+            for idx, batch in batching.batches(sub, B, pad_id=pad_id):
+                batch = sharding.put_rows(batch, mesh)
+                cols = {}
+                if want_exact:
+                    drop, unchanged = sharding.to_host(exact_fn(params, student.mu, student.nu, student.count,
+                                                                batch, ref.groups, base_nll, hp.lr))
+                    cols["drop"], cols["unchanged"] = drop, unchanged
+                if check_fp32:
+                    cols["drop32"] = sharding.to_host(exact32(params, student.mu, student.nu, student.count,
+                                                            batch, ref.groups, base_nll32, hp.lr))[0]
+                if want_fo:
+                    cols["pred"] = sharding.to_host(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
                 for j, local in enumerate(idx):
                     i = todo[local]
                     row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)
@@ -317,6 +317,23 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     plot_histogram(scores_path, os.path.join(out_dir, "influence_hist.png"))
     return summary
+
+
+def _profile(profile_dir, student, hp, p_dtype, exact_fn, fo_fn, ref, base_nll, g_ref, batch, B, progress) -> dict:
+    """--profile: the estimator's programs on the first chunk (see ``influence_profile``)."""
+    from montessori_jax.stages.influence_profile import profile_influence
+
+    common = (student.params, student.mu, student.nu, student.count, batch)
+    programs = {}
+    if exact_fn is not None:
+        programs["exact"] = (exact_fn, (*common, ref.groups, base_nll, hp.lr))
+    if fo_fn is not None:
+        programs["first_order"] = (fo_fn, (*common, g_ref, hp.lr))
+    ex = jax.tree.map(lambda x: x[0], batch)
+    phase_args = dict(graphdef=student.graphdef, hp=hp, param_dtype=p_dtype, params=student.params, mu=student.mu,
+                      nu=student.nu, count=student.count, ex=ex, lr=hp.lr,
+                      groups=ref.groups if exact_fn is not None else None, base_nll=base_nll)
+    return profile_influence(programs, B, phase_args, profile_dir, say=print if progress else (lambda *a: None))
 
 
 def _score_rows(scores_path: str) -> list[dict]:
