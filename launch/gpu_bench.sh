@@ -31,7 +31,7 @@ if [ "$tiny" = 1 ]; then
   gen=(--batch-sizes 1,2 --max-new-tokens 8 --repeats 1 --length 16)
   sft=(--batch-size 2 --length 64 --steps 2)
   dpo=(--batch-size 1 --length 64 --steps 1)
-  infl=(--ref-rows 256 --probes 4 --batch-size 2)
+  infl=(--ref-rows 32 --probes 4 --batch-size 2)  # the GPU run takes all 256
   big=()
 else
   shapes=(tinyllama llama3-8b)

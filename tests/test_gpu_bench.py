@@ -29,7 +29,7 @@ def test_gpu_bench_tiny_mode_writes_json_and_table(tmp_path):
         assert r["mfu"] is None  # no peak known for a CPU
         assert r["peak_memory_gb"] > 0
     infl = report["results"]["influence_tiny"]
-    assert infl["n_ref_rows"] == 256 and infl["dtype"] == "bfloat16"  # all of the reference set
+    assert infl["n_ref_rows"] == 32 and infl["dtype"] == "bfloat16"  # tiny mode: 32 of the 256 reference rows
     assert rows["influence_tiny"]["s_per_example"]["exact"] > 0
     assert rows["influence_tiny"]["s_per_example"]["first_order"] > 0
     assert infl["achieved_flops_per_s"] > 0 and infl["exact_matmul_flops_per_example"] > 0
