@@ -40,9 +40,9 @@ def test_plan_bytes_match_hand_counts():
     assert sft["opt_state"] == 2 * TINY_PARAMS_FSDP2 * 4  # AdamW mu and nu
     assert sft["grads"] == 2 * TINY_PARAMS_FSDP2 * 4  # accumulator + one micro-batch's
     assert sft["rows"] == 4  # sft.batch_size 8 over data x fsdp = 2
-    # the sampler: the whole model, KV cache [L, B, S, K, E] x (k, v) in fp32 + one valid flag per slot
+    # the sampler: params by the rules, KV cache [L, B, S, K, E] x (k, v) in fp32 + one valid flag per slot
     syn = _stage(result, "synthesis")
-    assert syn["params"] == TINY_PARAMS * 4
+    assert syn["params"] == TINY_PARAMS_FSDP2 * 4
     S = 64 + 64  # prompt bucket 64 + new-token bucket 64 (16 new tokens round up to the first bucket)
     assert syn["other"]["kv_cache"] == 2 * 2 * 8 * S * 2 * 16 * 4 + 8 * S
     # bf16 params halve params and AdamW state; a bf16 compute dtype halves the cache
@@ -50,6 +50,11 @@ def test_plan_bytes_match_hand_counts():
                          {"teacher": "tiny", "student": "tiny"}, 64)
     assert _stage(half, "sft")["opt_state"] == 2 * TINY_PARAMS_FSDP2 * 2
     assert _stage(half, "synthesis")["other"]["kv_cache"] == 2 * 2 * 8 * S * 2 * 16 * 2 + 8 * S
+    # data=2 splits the sampler's 8 rows: 4 per device, the whole model on each
+    split = plan_lib.plan(_cfg("mesh.data=2"), 2, 2**30, {"teacher": "tiny", "student": "tiny"}, 64)
+    assert split["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert _stage(split, "synthesis")["params"] == TINY_PARAMS * 4
+    assert _stage(split, "synthesis")["other"]["kv_cache"] == 2 * 2 * 4 * S * 2 * 16 * 4 + 4 * S
 
 
 def test_plan_verdicts_and_mesh_errors():

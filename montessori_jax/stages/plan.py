@@ -8,7 +8,7 @@ influence working set (per example, and the batch B the stage would choose), DPO
 pass. Params, optimizer state and gradients divide over the mesh by ``core.sharding``'s rules
 (fsdp x tensor, where an axis divides its dimension); a micro-batch's rows divide by data x
 fsdp when they divide, as the train steps place them. The sampler (synthesis, eval's answers)
-holds the whole model and batch on one device, as it runs. The byte counts of activations are
+holds its params as the rules place them and splits its rows over data, as it runs. The byte counts of activations are
 ``kernels.influence_memory``'s heuristics: fp32 upper estimates, checked against measured peaks
 on CPU in docs/plan.md.
 """
@@ -146,15 +146,17 @@ def _train(stage, role, cfg, section_cfg, key, rows_total, seq_len, mesh_shape, 
     return p
 
 
-def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, key) -> StagePlan:
-    """The sampler: the whole model, the KV cache of the prompts (prefill) and of every row,
-    the prefill's attention over all slots, and vocabulary-sized per-row temporaries."""
+def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, key, params_dev, data) -> StagePlan:
+    """The sampler: its params as the rules place them, the KV cache of the prompts (prefill)
+    and of every row, the prefill's attention over all slots, and vocabulary-sized per-row
+    temporaries; the rows (prompt slots) split over ``data``, as the sampler places them."""
     P = batching.bucket_length(prompt_len)
     M = batching.bucket_length(new_tokens)
     S = P + M
-    pb = cfg.num_params() * _dtype_bytes(cfg.param_dtype)
+    pb = params_dev * _dtype_bytes(cfg.param_dtype)
 
     def parts(B):
+        B = -(-B // data)  # rows per device
         Bp = max(1, B // n)
         kv = kv_cache_bytes(cfg, B, S) + (kv_cache_bytes(cfg, Bp, S) if n > 1 else 0)
         prefill = Bp * P * (5 * cfg.n_heads * S + 10 * cfg.d_model + 4 * cfg.ffn_dim) * 4
@@ -169,7 +171,8 @@ def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, ke
     if p.fits:
         p.verdict = f"fits ({p.total / device_bytes:.0%})"
     elif pb > budget:
-        p.verdict = f"the sampler holds the whole model on one device ({pb / GiB:.1f} GiB): {role}.param_dtype=bfloat16"
+        p.verdict = (f"the sampler's params alone take {pb / GiB:.1f} GiB per device: raise mesh.fsdp or "
+                     f"mesh.tensor, or {role}.param_dtype=bfloat16")
     else:
         fit = [b for b in range(rows - 1, 0, -1) if pb + sum(parts(b)) <= budget]
         p.verdict = f"lower {key} to {fit[0]}" if fit else "lower the prompt or new-token lengths"
@@ -243,7 +246,8 @@ def plan(cfg: Config, devices: int, device_bytes: int, shapes: dict | None = Non
     syn = cfg.synthesis
     new = max(syn.instruction_sampling.max_new_tokens, syn.response_sampling.max_new_tokens)
     stages.append(_sampler("synthesis", "teacher", t["config"], syn.batch_size, syn.samples_per_prompt,
-                           prompt_len, new, device_bytes, "synthesis.batch_size"))
+                           prompt_len, new, device_bytes, "synthesis.batch_size", t["params_per_device"],
+                           mesh_shape["data"]))
     for name, sec in (("warmup", cfg.warmup), ("sft", cfg.sft)):
         stages.append(_train(name, "student", s["config"], sec, name, sec.micro_batch_size or sec.batch_size,
                              sec.max_len, mesh_shape, device_bytes, s["params_per_device"]))
@@ -262,7 +266,8 @@ def plan(cfg: Config, devices: int, device_bytes: int, shapes: dict | None = Non
                            device_bytes, s["params_per_device"], "eval.batch_size"))
     if e.answers:
         stages.append(_sampler("eval: answers", "student", s["config"], e.answer_batch_size, 1, prompt_len,
-                               e.max_new_tokens, device_bytes, "eval.answer_batch_size"))
+                               e.max_new_tokens, device_bytes, "eval.answer_batch_size", s["params_per_device"],
+                               mesh_shape["data"]))
     return {"devices": devices, "device_bytes": device_bytes, "mesh": mesh_shape, "prompt_len": prompt_len,
             "models": {r: {k: (dataclasses.asdict(v) if k == "config" else v) for k, v in m.items()}
                        for r, m in models.items()},
