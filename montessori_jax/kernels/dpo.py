@@ -21,6 +21,7 @@ from montessori_jax.core import batching, optim, sharding, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.losses import token_nll
 from montessori_jax.errors import UserError
+from montessori_jax.kernels import train_step
 
 # ---------------------------------------------------------------------------------------------
 # The loss
@@ -178,13 +179,15 @@ def make_logps_fn(graphdef):
     return jax.jit(lambda params, batch: policy_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch)))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, live_reference: bool = False):
+def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, live_reference: bool = False,
+                    shardings=None):
     """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
 
     batch arrays are [A, 2M, T] (see ``make_batch``); the gradients of the summed loss of the
     A micro-batches are accumulated and divided once by the number of pairs. With
     ``live_reference`` the step is ``step(state, batch, ref_params)`` and computes the
-    reference log-probs itself (benchmarks and tests; training uses the cache).
+    reference log-probs itself (benchmarks and tests; training uses the cache). ``shardings``
+    (cached reference only): as in ``train_step.make_train_step``.
     """
 
     def loss_fn(params, mb, ref_params):
@@ -221,7 +224,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, beta: float, liv
 
     if live_reference:
         return jax.jit(step, donate_argnums=0)
-    return jax.jit(lambda state, batch: step(state, batch), donate_argnums=0)
+    return train_step.jit_step(lambda state, batch: step(state, batch), shardings)
 
 
 def make_eval_fn(graphdef):

@@ -19,11 +19,13 @@ from montessori_jax.core import optim, sharding
 from montessori_jax.core.losses import batch_token_nll
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation):
+def make_train_step(graphdef, tx: optax.GradientTransformation, shardings=None):
     """``step(state, batch) -> (state, metrics)``, jitted, donating ``state``.
 
     batch arrays are [A, M, T]: A micro-batches whose gradients of the *summed* token loss are
     accumulated, then divided once by the global target count (exact token mean).
+    ``shardings``: (state's, batch's) from ``step_shardings``, pinned as the program's input
+    and output shardings (metrics replicated) rather than left to propagation.
     """
 
     def loss_sum(params, mb):
@@ -50,7 +52,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
                    "lr": optim.current_lr(opt_state)}
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, shardings)
+
+
+def jit_step(step, shardings=None):
+    """``jax.jit(step)`` donating the state; with ``shardings`` = (state's, batch's), the
+    state comes back with the shardings it came in with and the metrics replicated."""
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh = shardings
+    mesh = next(s.mesh for s in jax.tree.leaves(state_sh) if isinstance(s, NamedSharding))
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())))
+
+
+def step_shardings(state, mesh, rules, batch) -> tuple:
+    """(the state's shardings as placed, ``batch_shardings`` of a batch of this run's layout):
+    what ``make_train_step`` pins. The batch's length does not matter, only its layout."""
+    return jax.tree.map(lambda x: x.sharding, state), batch_shardings(mesh, rules, batch)
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:

@@ -119,7 +119,6 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
     tx = optim.adamw(scfg.optim, total)
     with jax.set_mesh(mesh):
         state = train_step.init_state(params, tx)
-    step_fn = train_step.make_train_step(graphdef, tx)
 
     ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"))
     try:
@@ -131,6 +130,9 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
                                 f"{changed_settings(meta.get('settings'), settings)}; use a new --out or remove it")
             state, meta = ckpts.restore(state)
             start = int(meta["step"])
+        layout = batching.global_batch(rows, [0], G, M, batching.DEFAULT_BUCKETS, pad_id) if rows else None
+        step_fn = train_step.make_train_step(
+            graphdef, tx, train_step.step_shardings(state, mesh, rules, layout) if layout else None)
         log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), scfg.logger, resume_from=start)
         scorer = Scorer(graphdef, state["params"]) if eval_ex else None
 
