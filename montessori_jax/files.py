@@ -160,7 +160,7 @@ def read_resumable_jsonl(path: str, parse: Callable[[dict], Any] | None = None, 
                 rows.append(parse(row) if parse else row)
             except (ValueError, UnicodeDecodeError, KeyError, TypeError):
                 if complete:
-                    raise UserError(f"{path}, line {lineno}: not a {what}; the file is damaged") from None
+                    raise UserError(f"{path}:{lineno}: not a {what}; the file is damaged") from None
                 break  # the line a kill cut short
             needs_newline = not complete
         keep += len(raw) + complete
