@@ -27,13 +27,19 @@ def cluster_env(i: int, n: int, port: int, devices: int = 2, extra: dict | None 
     return env
 
 
+def start_cluster(argv: list[str], n: int = 2, devices: int = 2, cwd: str | None = None,
+                  extra_env: dict | None = None, output=subprocess.PIPE) -> list[subprocess.Popen]:
+    """The n processes of a new cluster, started (``run_cluster`` without the wait)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=cluster_env(i, n, port, devices, extra_env), cwd=cwd,
+                             stdout=output, stderr=output, text=True) for i in range(n)]
+
+
 def run_cluster(argv: list[str], n: int = 2, devices: int = 2, timeout: float = 600, cwd: str | None = None,
                 extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """``python ARGV...`` in n processes of one cluster (``argv`` starts after the interpreter,
     e.g. ``["-m", "montessori_jax.cli", "score", ...]``)."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, *argv], env=cluster_env(i, n, port, devices, extra_env), cwd=cwd,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    procs = start_cluster(argv, n, devices, cwd, extra_env)
     results = []
     try:
         for i, p in enumerate(procs):

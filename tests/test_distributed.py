@@ -1,5 +1,8 @@
 """A real 2-process JAX cluster on loopback: placement of a global batch and reading it back."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -130,11 +133,13 @@ def test_unreachable_coordinator_fails_in_one_line():
 @pytest.mark.slow
 def test_two_process_run_equals_one_process(tiny_checkpoint, tmp_path):
     """`montessori run` (one Montessori iteration, tiny random model) as a cluster of 2
-    processes x 2 CPU devices writes what one process writes."""
-    import json
-    import os
+    processes x 2 CPU devices writes what one process writes; so does a cluster run whose
+    process 1 is killed mid-run (then the whole job, as a launcher does) and started again."""
+    import signal
+    import subprocess
     import time
 
+    from multiproc import start_cluster
     from pipeline_helpers import write_small_sets
 
     model, _ = tiny_checkpoint
@@ -148,17 +153,49 @@ def test_two_process_run_equals_one_process(tiny_checkpoint, tmp_path):
         for r in results:
             assert r.returncode == 0, r.stderr[-3000:]
     print("wall seconds", timings)
-    a, b = (json.load(open(tmp_path / name / "manifest.json"))["stages"] for name in ("one", "two"))
+    _assert_same_run(tmp_path, "two")
+
+    # kill process 1 once the influence stage has started, then the rest of the job
+    argv = [helper, str(tmp_path / "killed"), model, *sets]
+    procs = start_cluster(argv, 2, 2, output=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and '"iter1/montessori/influence"' not in (
+            manifest.read_text() if manifest.exists() else ""):
+        time.sleep(0.2)
+    assert procs[1].poll() is None, "the run ended before the kill"
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    procs[0].kill()
+    procs[0].wait()
+    for r in run_cluster(argv, n=2, devices=2, timeout=900):
+        assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_run(tmp_path, "killed")
+
+
+def _assert_same_run(tmp_path, name2):
+    name1 = "one"
+    a, b = (json.load(open(tmp_path / name / "manifest.json"))["stages"] for name in (name1, name2))
     assert list(a) == list(b) and all(r["status"] == "done" for r in b.values())
     # texts (sampled and greedy) are the same bytes; numbers (scores, weights) the same within
     # the bounds: 4 devices in 2 processes sum in another order than 1 device
     hashed = {"records", "warmup", "probe", "answers"}
     for key in a:
         for out in hashed & set(a[key]["outputs"]):
-            assert a[key]["outputs"][out]["sha256"] == b[key]["outputs"][out]["sha256"], (key, out)
+            if a[key]["outputs"][out]["sha256"] == b[key]["outputs"][out]["sha256"]:
+                continue
+            # rows that name a model by its path in the run directory (the DPO'd teacher) differ
+            # in that path only
+            rows = [[json.loads(line) for line in open(os.path.join(tmp_path / name, m[key]["outputs"][out]["path"]))]
+                    for name, m in ((name1, a), (name2, b))]
+            for x, y in zip(*rows):
+                for field in ("teacher", "model"):
+                    if isinstance(x.get(field), str) and str(tmp_path) in x[field]:
+                        assert x.pop(field).replace(f"/{name1}/", f"/{name2}/") == y.pop(field), (key, out, field)
+            assert rows[0] == rows[1], (key, out)
         if "pairs" in a[key]["outputs"]:
             rows = [[json.loads(line) for line in open(os.path.join(tmp_path / name, m[key]["outputs"]["pairs"]["path"]))]
-                    for name, m in (("one", a), ("two", b))]
+                    for name, m in ((name1, a), (name2, b))]
             assert len(rows[0]) == len(rows[1]) > 0
             for x, y in zip(*rows):
                 assert {k for k, v in x.items() if not isinstance(v, float)} == {
@@ -169,14 +206,14 @@ def test_two_process_run_equals_one_process(tiny_checkpoint, tmp_path):
             from safetensors.numpy import load_file
 
             wa, wb = (load_file(os.path.join(tmp_path / name, m[key]["outputs"]["model"]["path"], "model.safetensors"))
-                      for name, m in (("one", a), ("two", b)))
+                      for name, m in ((name1, a), (name2, b)))
             assert wa.keys() == wb.keys()
             for k in wa:
                 np.testing.assert_allclose(wa[k], wb[k], rtol=0, atol=1e-5, err_msg=f"{key} {k}")
     scores = [[json.loads(line) for line in open(tmp_path / name / "iter1/montessori/influence/scores.jsonl")]
-              for name in ("one", "two")]
+              for name in (name1, name2)]
     assert [r["id"] for r in scores[0]] == [r["id"] for r in scores[1]]
     for x, y in zip(*scores):
         assert abs(x["influence"] - y["influence"]) <= 1e-6, (x, y)
-    nll = [json.load(open(tmp_path / name / "iter1/montessori/eval/nll_student.json"))["ref_nll"] for name in ("one", "two")]
+    nll = [json.load(open(tmp_path / name / "iter1/montessori/eval/nll_student.json"))["ref_nll"] for name in (name1, name2)]
     assert abs(nll[0] - nll[1]) <= 1e-5

@@ -148,6 +148,15 @@ def make_batch(pairs: Sequence[PairExample], idx: Sequence[int], batch_pairs: in
     return out
 
 
+def batch_layout(batch_pairs: int, micro_pairs: int) -> dict[str, np.ndarray]:
+    """Zero arrays with ``make_batch``'s keys and layout (length 1): what the step's pinned
+    shardings are computed from."""
+    A, M = batch_pairs // micro_pairs, micro_pairs
+    rows = {k: np.zeros((A, 2 * M, 1), np.int32) for k in ("tokens", "positions", "segment_ids")}
+    return {**rows, "loss_mask": np.zeros((A, 2 * M, 1), bool), "ref_logps": np.zeros((A, 2 * M), np.float32),
+            "pair_mask": np.zeros((A, 2 * M), np.float32)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The step
 

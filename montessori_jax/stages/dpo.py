@@ -272,10 +272,9 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
             if ckpts.latest_step() is not None:
                 state, meta = ckpts.restore(state)
                 start = int(meta["step"])
-            layout = dpo_lib.make_batch(train, [0], G, M, pad_id)
             step_fn = dpo_lib.make_train_step(
                 graphdef, tx, dcfg.beta,
-                shardings=train_step.step_shardings(state, mesh, rules, layout))
+                shardings=train_step.step_shardings(state, mesh, rules, dpo_lib.batch_layout(G, M)))
             log = metrics_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), dcfg.logger, resume_from=start)
             try:
                 state, step = _train(state, step_fn, start, total, steps_per_epoch, train,
