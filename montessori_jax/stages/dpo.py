@@ -54,7 +54,7 @@ from montessori_jax.core import batching, distributed, optim, sharding, text, we
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append, read_jsonl, read_resumable_jsonl, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
+from montessori_jax.files import open_append, read_jsonl, read_resumable_jsonl, sha256_file, sha256_path, sync_file, write_json_atomic, write_lines_atomic
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.kernels import train_step
 from montessori_jax.stages import metrics as metrics_lib
@@ -365,14 +365,8 @@ def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DP
 
 def plot_dpo(metrics_path: str, png_path: str) -> str | None:
     """Loss, rewards of both sides, margin and reward accuracy against step (None without matplotlib)."""
-    if not is_writer():  # one process of a cluster draws it
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = metrics_lib.pyplot()
+    if plt is None:
         return None
 
     rows = [r for r in read_rows(metrics_path) if "loss" in r]

@@ -50,12 +50,13 @@ import numpy as np
 from montessori_jax.config import GenerationConfig
 from montessori_jax.core import distributed, sharding, text, weights
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, read_json, sha256_path, write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import read_json, sha256_path, write_json_atomic, write_jsonl_atomic
 from montessori_jax.kernels.sampler import SamplingParams
 from montessori_jax.kernels.scorer import Scorer
 from montessori_jax.stages import answer_formats as af
 from montessori_jax.stages import data as data_lib
 from montessori_jax.stages import pairs as pairs_lib
+from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages.generate import generate_jsonl, read_done, read_prompt_rows
 from montessori_jax.stages.openai_backend import answer_jsonl
 from montessori_jax.stages.pairs import conversation
@@ -372,14 +373,8 @@ def plot_summary(rows: Sequence[dict], png_path: str, title: str = "reference-an
     """Reference-answer NLL (token mean) per arm: lines over iterations when rows span more
     than one iteration, otherwise bars (one per row). None when matplotlib is absent or
     there are no rows."""
-    if not is_writer():  # one process of a cluster draws it
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = metrics_lib.pyplot()
+    if plt is None:
         return None
     rows = [r for r in rows if r.get("ref_nll") is not None]
     if not rows:

@@ -24,10 +24,11 @@ from montessori_jax.core import batching, distributed, optim, sharding, text, we
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
 from montessori_jax.errors import UserError
-from montessori_jax.files import PACKAGED_REFERENCE, is_writer, open_append, sha256_file, read_resumable_jsonl, sha256_path, sync_file, write_json_atomic
+from montessori_jax.files import PACKAGED_REFERENCE, open_append, sha256_file, read_resumable_jsonl, sha256_path, sync_file, write_json_atomic
 from montessori_jax.kernels import influence as influence_lib
 from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import pairs as pairs_lib
+from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages import stats
 from montessori_jax.stages.eval import model_fingerprint
 from montessori_jax.stages.sft import encode_pairs
@@ -374,14 +375,8 @@ def summarize(scores_path, baseline, icfg, B, ref, warm, hp, elapsed, n_new) -> 
 
 
 def plot_histogram(scores_path: str, png_path: str) -> str | None:
-    if not is_writer():  # one process of a cluster draws it
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = metrics_lib.pyplot()
+    if plt is None:
         return None
     rows = _score_rows(scores_path)
     if not rows:

@@ -42,7 +42,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, open_append, read_resumable_jsonl, write_json_atomic
+from montessori_jax.files import open_append, read_resumable_jsonl, write_json_atomic
+from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages.answer_formats import load_mt_questions, read_mt_answers
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
@@ -393,14 +394,8 @@ def format_table(summary: dict) -> str:
 def plot_table(summary: dict, png_path: str) -> str | None:
     """Bars per category: the mean rating (single) or the first model's win rate with its
     interval (pairwise). None when matplotlib is absent."""
-    if not is_writer():  # one process of a cluster draws it
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = metrics_lib.pyplot()
+    if plt is None:
         return None
     rows = summary["table"]
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 2), 3.5), dpi=120)

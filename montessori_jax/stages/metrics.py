@@ -85,10 +85,10 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def plot_losses(metrics_path: str, png_path: str, title: str = "loss") -> str | None:
-    """Training (and eval, when present) loss against step; None when matplotlib is absent or
-    this process is not the cluster's writer."""
-    if not is_writer():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend for the process that draws (the cluster's
+    writer); None in the others, or when matplotlib is not installed."""
+    if not is_writer():  # one process of a cluster draws the plots
         return None
     try:
         import matplotlib
@@ -96,6 +96,15 @@ def plot_losses(metrics_path: str, png_path: str, title: str = "loss") -> str | 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(metrics_path: str, png_path: str, title: str = "loss") -> str | None:
+    """Training (and eval, when present) loss against step; None when matplotlib is absent or
+    this process is not the cluster's writer."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = read_rows(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]

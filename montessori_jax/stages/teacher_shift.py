@@ -24,9 +24,10 @@ import numpy as np
 
 from montessori_jax.config import Config
 from montessori_jax.errors import UserError
-from montessori_jax.files import is_writer, read_jsonl, write_json_atomic, write_jsonl_atomic
+from montessori_jax.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from montessori_jax.core import distributed
 from montessori_jax.stages import influence as influence_stage
+from montessori_jax.stages import metrics as metrics_lib
 
 SOURCES = ("initial", "optimized")
 BOOTSTRAP_SAMPLES = 4000
@@ -123,14 +124,8 @@ def format_lines(summary: dict, label: str = "") -> str:
 
 
 def plot_shift(scores: dict[str, list[float]], png_path: str, summary: dict) -> str | None:
-    if not is_writer():  # one process of a cluster draws it
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = metrics_lib.pyplot()
+    if plt is None:
         return None
     values = [v for s in SOURCES for v in scores[s]]
     if not values:
