@@ -48,7 +48,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax import faults
 from montessori_jax.config import Config, DPOConfig
 from montessori_jax.core import batching, distributed, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
@@ -58,7 +57,7 @@ from montessori_jax.files import open_append, read_jsonl, read_resumable_jsonl, 
 from montessori_jax.kernels import dpo as dpo_lib
 from montessori_jax.kernels import train_step
 from montessori_jax.stages import metrics as metrics_lib
-from montessori_jax.stages import sft
+from montessori_jax.stages import sft, train_loop
 from montessori_jax.stages.metrics import read_rows
 from montessori_jax.stages.preferences import PAIRS_FILE
 
@@ -318,47 +317,27 @@ def run_dpo(cfg: Config, out_dir: str, progress: bool = True) -> dict:
 
 def _train(state, step_fn, start, total, steps_per_epoch, encoded, ref, dcfg: DPOConfig, seed, pad_id, put,
            log, ckpts, meta, progress):
-    """Steps start..total: batches in each epoch's order, checkpoints every ``save_every``.
-
-    Metrics come to the host every ``log_every`` steps, read after the next step has been
-    dispatched so the device never waits for the host (all of them before each checkpoint,
-    so a resumed run has a row for every step up to it).
-    """
+    """Steps start..total (``train_loop.run_steps``). Returns (state, the last step)."""
     G = dcfg.batch_size
     M = dcfg.micro_batch_size or G
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not progress)
-    pending, ready = [], []
 
     def write(entries):
         last = None
-        for (s_, e_, _), h in zip(entries, sharding.to_host([m_ for _, _, m_ in entries])):
+        for s_, e_, h in entries:
             last = {"step": s_, "epoch": e_, **{key: float(v) for key, v in h.items()}}
             log.write(last)
-        if last:
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}",
-                            margin=f"{last['rewards/margin']:.3f}")
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}",
+                        margin=f"{last['rewards/margin']:.3f}")
 
-    step = start
-    order, order_epoch = None, None
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
-            order, order_epoch = batching.epoch_order(encoded, G, seed, epoch), epoch
-        idx = order[k]
-        state, m = step_fn(state, put(dpo_lib.make_batch(encoded, idx, G, M, pad_id, ref)))
-        step += 1
-        write(ready)
-        ready = []
-        pending.append((step, epoch, m))
-        if step % dcfg.log_every == 0:
-            ready, pending = pending, []
-        if step % dcfg.save_every == 0 or step == total:
-            write(ready + pending)
-            ready, pending = [], []
-            log.flush()
-            ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
-            faults.point("dpo.checkpoint")
-        bar.update(1)
+    def save(step, state):
+        log.flush()
+        ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
+
+    state, step = train_loop.run_steps(
+        state, step_fn, start=start, total=total, steps_per_epoch=steps_per_epoch, rows=encoded, batch_size=G,
+        seed=seed, make_batch=lambda idx: put(dpo_lib.make_batch(encoded, idx, G, M, pad_id, ref)), write=write,
+        log_every=dcfg.log_every, save_every=dcfg.save_every, save=save, fault="dpo.checkpoint", bar=bar)
     bar.close()
     return state, step
 

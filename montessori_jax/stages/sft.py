@@ -21,7 +21,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from montessori_jax import faults
 from montessori_jax.config import Config, SFTConfig, diff
 from montessori_jax.core import batching, optim, sharding, text, weights
 from montessori_jax.core import model as model_lib
@@ -32,6 +31,7 @@ from montessori_jax.kernels import train_step
 from montessori_jax.kernels.scorer import Scorer
 from montessori_jax.stages import metrics as metrics_lib
 from montessori_jax.stages import pairs as pairs_lib
+from montessori_jax.stages import train_loop
 
 # ---------------------------------------------------------------------------------------------
 # The stage
@@ -177,54 +177,37 @@ def run_sft(cfg: Config, out_dir: str, progress: bool = True, section: str = "sf
 
 def _train(state, step_fn, start, total, steps_per_epoch, rows, scfg: SFTConfig, seed, pad_id, mesh, rules,
            log, ckpts, meta, bar, eval_loss):
-    """Steps start..total: global batches in each epoch's order, checkpoints every
-    ``save_every``, the eval loss every ``eval_every``.
-
-    Metrics come to the host every ``log_every`` steps, read after the next step has been
-    dispatched (as in DPO), so the device never waits for the host between steps; all of them
-    before each checkpoint. Returns (state, the last step)."""
+    """Steps start..total (``train_loop.run_steps``), the eval loss every ``eval_every``.
+    Returns (state, the last step)."""
     G = scfg.batch_size
     M = scfg.micro_batch_size or G
-    pending, ready, t_last = [], [], time.perf_counter()
+    t_last = time.perf_counter()
+
+    def make_batch(idx):
+        batch = batching.global_batch(rows, idx, G, M, batching.DEFAULT_BUCKETS, pad_id)
+        return sharding.put(batch, train_step.batch_shardings(mesh, rules, batch))
 
     def write(entries):
         nonlocal t_last
-        if not entries:
-            return
-        host = sharding.to_host([m_ for _, m_ in entries])
         now = time.perf_counter()
-        n_tok = sum(float(h["tokens"]) for h in host)
-        for (s_, _), h in zip(entries, host):
+        n_tok = sum(float(h["tokens"]) for _, _, h in entries)
+        for s_, _, h in entries:
             log.write({"step": s_, "loss": float(h["loss"]), "lr": float(h["lr"]),
                        "grad_norm": float(h["grad_norm"]), "tokens": int(h["tokens"]),
                        "tokens_per_s": n_tok / max(now - t_last, 1e-9)})
-        bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{float(entries[-1][2]['loss']):.4f}", tok_s=f"{n_tok / max(now - t_last, 1e-9):.0f}")
         t_last = now
 
-    order, order_epoch = None, None
-    step = start
+    def after_step(step, state):
+        if scfg.eval_every and eval_loss and step % scfg.eval_every == 0:
+            eval_loss(step, state["params"])
+
+    def save(step, state):
+        log.flush()
+        ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
+
     with jax.set_mesh(mesh):
-        while step < total:
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # one sort and shuffle per epoch, not per step
-                order, order_epoch = batching.epoch_order(rows, G, seed, epoch), epoch
-            idx = order[k]
-            batch = batching.global_batch(rows, idx, G, M, batching.DEFAULT_BUCKETS, pad_id)
-            batch = sharding.put(batch, train_step.batch_shardings(mesh, rules, batch))
-            state, m = step_fn(state, batch)
-            step += 1
-            write(ready)  # the metrics of steps before this one, which has been dispatched
-            ready = []
-            pending.append((step, m))
-            if step % scfg.log_every == 0:
-                ready, pending = pending, []
-            if scfg.eval_every and eval_loss and step % scfg.eval_every == 0:
-                eval_loss(step, state["params"])
-            if step % scfg.save_every == 0 or step == total:
-                write(ready + pending)
-                ready, pending = [], []
-                log.flush()
-                ckpts.save(step, state, {"step": step, **meta}, wait=step == total)
-                faults.point("sft.checkpoint")
-            bar.update(1)
-    return state, step
+        return train_loop.run_steps(state, step_fn, start=start, total=total, steps_per_epoch=steps_per_epoch,
+                                    rows=rows, batch_size=G, seed=seed, make_batch=make_batch, write=write,
+                                    log_every=scfg.log_every, save_every=scfg.save_every, save=save,
+                                    fault="sft.checkpoint", bar=bar, after_step=after_step)
