@@ -1,13 +1,13 @@
 """Sharding by name on 8 fake CPU devices: the same numbers as one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from flax import nnx
 
+from montessori_jax.core import batching
 from montessori_jax.core import model as M
 from montessori_jax.core import sharding as S
 from montessori_jax.core import weights
@@ -30,7 +30,7 @@ def _batch(B=8, T=24):
     seg[1, 20:] = 0
     seg[5, 10:] = 0
     return {"tokens": rng.randint(0, 128, (B, T)).astype(np.int32),
-            "positions": np.asarray(M.positions_from_segments(jnp.asarray(seg))),
+            "positions": batching.segment_positions(seg),
             "segment_ids": seg}
 
 

@@ -314,17 +314,6 @@ def abstract(cfg: LlamaConfig) -> Llama:
     return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
 
 
-def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
-    """Positions that restart at 0 for each segment (left or right padding, packing)."""
-    B, T = segment_ids_BT.shape
-    idx = jnp.arange(T)[None, :].repeat(B, 0)
-    starts = jnp.concatenate(
-        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
-    )
-    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-    return jnp.where(segment_ids_BT != 0, idx - start_idx, 0).astype(jnp.int32)
-
-
 # ---------------------------------------------------------------------------------------------
 # The functional view: params as a plain {name: array} dict, the module rebuilt inside jit.
 
