@@ -92,6 +92,36 @@ def test_kv_cache_decode_equals_full_forward():
     np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5)
 
 
+def test_shared_prefix_cache_equals_repeated_prompt_cache():
+    """n rows reading one prompt's cache as a prefix decode as n rows each holding a copy."""
+    cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    m = M.create(cfg, seed=5)
+    rs = np.random.RandomState(1)
+    b, n, P, steps = 2, 3, 8, 4
+    prompt = rs.randint(1, 50, (b, P))
+    segs = np.ones((b, P), np.int32)
+    segs[1, :3] = 0  # the second prompt is left-padded by 3
+    pos = np.maximum(np.cumsum(segs, 1) - 1, 0)
+    nxt = rs.randint(1, 50, (b * n, steps))  # each row continues with its own tokens
+    # reference: every row holds its prompt's cache (the old layout)
+    cache = M.init_cache(cfg, b * n, P + steps)
+    rep = lambda a: jnp.asarray(np.repeat(a, n, axis=0))
+    _, cache = m(rep(prompt), rep(pos), rep(segs), cache=cache, cache_index=0)
+    # shared: the prompts' cache is the prefix, each row has `steps` slots of its own
+    pre = M.init_cache(cfg, b, P)
+    _, pre = m(jnp.asarray(prompt), jnp.asarray(pos), jnp.asarray(segs), cache=pre, cache_index=0)
+    shared = {**M.init_cache(cfg, b * n, steps), "prefix": pre}
+    last = np.repeat(pos[:, -1], n) + 1
+    for t in range(steps):
+        tok = jnp.asarray(nxt[:, t:t + 1])
+        p_t = jnp.asarray(last + t)[:, None]
+        ones = jnp.ones_like(tok)
+        want, cache = m(tok, p_t, ones, cache=cache, cache_index=P + t)
+        got, shared = m(tok, p_t, ones, cache=shared, cache_index=t)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    assert shared["prefix"]["k"].shape == (cfg.n_layers, b, P, cfg.n_kv_heads, cfg.hd)
+
+
 def test_bf16_compute_is_close_to_fp32():
     cfg = M.LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
     m32 = M.create(cfg, seed=0)

@@ -142,7 +142,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
-    """A fixed-size KV cache: k, v [L, B, S, K, E]; ``valid`` [B, S] marks written real tokens."""
+    """A fixed-size KV cache: k, v [L, B, S, K, E]; ``valid`` [B, S] marks written real tokens.
+
+    A cache may also hold a read-only ``prefix`` (another such cache, of b rows with B a
+    multiple of b): row r then attends first to prefix row ``r // (B // b)``'s valid slots, then
+    to its own. n samples of one prompt share the prompt's keys and values this way instead of
+    holding n copies (the sampler), so a decode step reads the prompt's cache once per prompt."""
     dtype = dtype or DTYPES[cfg.dtype]
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
     return {
@@ -226,6 +231,7 @@ class Llama(nnx.Module):
 
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
 
+        prefix = None if cache is None else cache.get("prefix")
         if cache is None:
             # causal within a segment; padded keys (segment 0) are never attended to
             q_idx = jnp.arange(T)[:, None]
@@ -241,10 +247,11 @@ class Llama(nnx.Module):
 
         layer_params = {name: getattr(self, name)[...] for name in self.LAYER_PARAMS}
 
-        def block(x_BTD, p, kv, layer):
+        def block(x_BTD, p, kv, layer, pkv):
             """One decoder layer. kv: None, or the whole cache (k, v) [L, B, S, K, E] that this
             layer writes its T new slots into, in place (it rides in the scan's carry, so the
-            decode loop never copies the cache)."""
+            decode loop never copies the cache). pkv: None, or this layer's prefix (k, v)
+            [b, P, K, E], read only."""
             with jax.named_scope("attention"):  # names in profiles: attention, mlp, lm_head
                 h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps, dt)
                 q = jnp.einsum("BTD,DHE->BTHE", h_BTD, p["wq"].astype(dt))
@@ -260,7 +267,11 @@ class Llama(nnx.Module):
                     kv = (k_all, v_all)
                     k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
                     v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
-                attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
+                if pkv is None:
+                    attn = attention(q, k, v, mask_BTS, cfg.n_kv_heads)
+                else:
+                    attn = attention_with_prefix(q, k, v, mask_BTS, pkv[0].astype(dt), pkv[1].astype(dt),
+                                                 prefix["valid"], cfg.n_kv_heads)
                 x_BTD = x_BTD + jnp.einsum("BTHE,HED->BTD", attn, p["wo"].astype(dt))
             with jax.named_scope("mlp"):
                 h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps, dt)
@@ -274,18 +285,22 @@ class Llama(nnx.Module):
 
         def scan_body(carry, xs):
             x_BTD, kv = carry
-            p, layer = xs
-            x_BTD, kv = block(x_BTD, p, kv, layer)
+            p, layer, pkv = xs
+            x_BTD, kv = block(x_BTD, p, kv, layer, pkv)
             return (x_BTD, kv), None
 
         kv = None if cache is None else (cache["k"], cache["v"])
-        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers)))
+        pkv = None if prefix is None else (prefix["k"], prefix["v"])
+        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers), pkv))
 
         h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_eps, dt)
         out = h_BTD if return_hidden else self.head(h_BTD)
         if cache is None:
             return out
-        return out, {"k": kv[0], "v": kv[1], "valid": valid_BS}
+        new_cache = {"k": kv[0], "v": kv[1], "valid": valid_BS}
+        if prefix is not None:
+            new_cache["prefix"] = prefix
+        return out, new_cache
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, n_kv_heads: int) -> jax.Array:
@@ -302,6 +317,34 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, n_kv_heads: int) -> jax.Array:
     probs = jnp.where(mask_BTS.any(-1)[:, None, None, :, None], probs, 0.0)
     out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs.astype(v_BSKE.dtype), v_BSKE)
     return out_BTKGE.reshape(B, T, H, E)
+
+
+def attention_with_prefix(q_BTHE, k_BSKE, v_BSKE, mask_BTS, pk_bPKE, pv_bPKE, pvalid_bP, n_kv_heads: int):
+    """``attention`` over a shared prefix, then the row's own slots, with one fp32 softmax
+    over both: rows r of B attend to prefix row ``r // n`` (n = B // b) where ``pvalid``, then
+    to their own slots where ``mask_BTS``. The n rows of a prefix meet its keys in one matmul."""
+    B, T, H, E = q_BTHE.shape
+    b, P = pvalid_bP.shape
+    n, K = B // b, n_kv_heads
+    G = H // K
+    S = k_BSKE.shape[1]
+    q6 = q_BTHE.reshape(b, n, T, K, G, E)
+    lp = jnp.einsum("bnTKGE,bPKE->bKnGTP", q6, pk_bPKE).astype(jnp.float32)
+    ls = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTHE.reshape(B, T, K, G, E), k_BSKE).astype(jnp.float32)
+    ls = ls.reshape(b, n, K, G, T, S).transpose(0, 2, 1, 3, 4, 5)  # [b, K, n, G, T, S]
+    big_neg = jnp.finfo(jnp.float32).min
+    lp = jnp.where(pvalid_bP[:, None, None, None, None, :], lp, big_neg)
+    m6 = mask_BTS.reshape(b, n, T, S)[:, None, :, None]  # [b, 1, n, 1, T, S]
+    ls = jnp.where(m6, ls, big_neg)
+    logits = jnp.concatenate([lp, ls], axis=-1) / math.sqrt(E)
+    probs = jax.nn.softmax(logits, axis=-1)
+    any_key = pvalid_bP.any(-1)[:, None, None, None, None, None] | m6.any(-1, keepdims=True)
+    probs = jnp.where(any_key, probs, 0.0)
+    pp, ps = probs[..., :P], probs[..., P:]
+    out = jnp.einsum("bKnGTP,bPKE->bnTKGE", pp.astype(pv_bPKE.dtype), pv_bPKE)
+    ps_BKGTS = ps.transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, S)
+    out = out.reshape(B, T, K, G, E) + jnp.einsum("BKGTS,BSKE->BTKGE", ps_BKGTS.astype(v_BSKE.dtype), v_BSKE)
+    return out.reshape(B, T, H, E)
 
 
 def create(cfg: LlamaConfig, seed: int = 0) -> Llama:

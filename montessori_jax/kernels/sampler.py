@@ -2,12 +2,13 @@
 
 One batch of ``Bp`` prompts with ``n`` samples each decodes as ``B = Bp * n`` rows:
 
-    prompts, left-padded to a bucket P ─► prefill (one program) ─► state: cache [L, B, S=P+M, K, E],
-                                                                   first token, keys, flags
+    prompts, left-padded to a bucket P ─► prefill (one program) ─► state: prompt cache [L, Bp, P, K, E],
+                                                   row cache [L, B, M, K, E], first token, keys, flags
     state ─► decode (one program: a while_loop, state donated) ─► tokens [B, M], counts, stop flags
 
-The prefill runs once per prompt and its cache is repeated ``n`` times along the batch axis
-(prompt-major rows), so n samples cost one prefill, not n. The decode loop stops when every
+The prefill runs once per prompt and its cache is the shared prefix of the prompt's ``n`` rows
+(prompt-major; ``model.attention_with_prefix``), so n samples cost one prefill, hold one copy of
+the prompt's keys and values, and a decode step reads it once per prompt. The decode loop stops when every
 row has emitted a stop id or at the token limit; rows that are done keep running in the batch
 but feed padding (segment 0), write nothing valid and emit the pad id.
 
@@ -333,18 +334,16 @@ class Sampler:
         tokens_BpP = batch["tokens"]
         Bp, P = tokens_BpP.shape
         B, V = Bp * n, self.cfg.vocab_size
-        cache = model_lib.init_cache(self.cfg, Bp, P + M)
-        h_BpPD, cache = model(
-            tokens_BpP, batch["positions"], batch["segment_ids"], cache=cache, cache_index=0, return_hidden=True
+        prompt_cache = model_lib.init_cache(self.cfg, Bp, P)
+        h_BpPD, prompt_cache = model(
+            tokens_BpP, batch["positions"], batch["segment_ids"], cache=prompt_cache, cache_index=0,
+            return_hidden=True,
         )
         logits_BpV = model.head(h_BpPD[:, -1])
 
-        # n samples per prompt: repeat the prompt's cache and logits, rows prompt-major
-        cache = {
-            "k": jnp.repeat(cache["k"], n, axis=1),
-            "v": jnp.repeat(cache["v"], n, axis=1),
-            "valid": jnp.repeat(cache["valid"], n, axis=0),
-        }
+        # n samples per prompt, rows prompt-major: the prompt's cache is their shared prefix, and
+        # each row gets M slots of its own
+        cache = {**model_lib.init_cache(self.cfg, B, M), "prefix": prompt_cache}
         logits_BV = jnp.repeat(logits_BpV, n, axis=0)
         row_ids_B = jnp.repeat(batch["row_ids"], n)
         sample_B = jnp.tile(jnp.arange(n, dtype=jnp.int32), Bp)
@@ -410,7 +409,7 @@ class Sampler:
                 s["pos"][:, None],
                 live_B[:, None].astype(jnp.int32),
                 cache=s["cache"],
-                cache_index=P + step - 1,
+                cache_index=step - 1,
                 return_hidden=True,
             )
             logits_BV = model.head(h_B1D[:, 0])

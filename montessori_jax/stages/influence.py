@@ -252,13 +252,17 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         _REF_CACHE.clear()
         if keep_reference:
             _REF_CACHE[ref_key] = cached
+        # the first-order estimator alone needs no per-token NLL: L_ref comes with its gradient
+        # (one pass over D_ref instead of two)
+        need_nll = want_exact or profile_dir is not None or icfg.param_dtype != "float32"
+        baseline = base_nll = None
         if "baseline" in cached:
             baseline, base_nll = _take(cached, "baseline")
-        else:
-            baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
-            if keep_reference:
-                _keep(cached, "baseline", (baseline, base_nll))
-        baseline = float(sharding.to_host(baseline))
+        if baseline is None or (need_nll and base_nll is None):
+            if need_nll:
+                baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
+                if keep_reference:
+                    _keep(cached, "baseline", (baseline, base_nll))
         exact_fn = influence_lib.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
         if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
@@ -275,11 +279,16 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
                 g_ref = _take(cached, "g_ref")
             else:
                 grad_ref = _rows_on_data(influence_lib.make_ref_set(ref_examples, plan["rows_per_chunk"], pad_id), mesh)
-                g_ref = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)[1]
+                loss_ref, g_ref = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)
+                if baseline is None:
+                    baseline = loss_ref
+                    if keep_reference:
+                        _keep(cached, "baseline", (baseline, None))
                 # held like the params (fsdp x tensor), once for every batch of probes
                 g_ref = sharding.put(g_ref, jax.tree.map(lambda p: p.sharding, params))
                 if keep_reference:
                     _keep(cached, "g_ref", g_ref)
+        baseline = float(sharding.to_host(baseline))
         fo_fn = influence_lib.make_first_order(student.graphdef, hp) if want_fo else None
 
         t_start, n_done = time.perf_counter(), 0
