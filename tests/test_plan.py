@@ -40,7 +40,8 @@ def test_plan_bytes_match_hand_counts():
     assert sft["opt_state"] == 2 * TINY_PARAMS_FSDP2 * 4  # AdamW mu and nu
     assert sft["grads"] == 2 * TINY_PARAMS_FSDP2 * 4  # accumulator + one micro-batch's
     assert sft["rows"] == 4  # sft.batch_size 8 over data x fsdp = 2
-    # the sampler: params by the rules, KV cache [L, B, S, K, E] x (k, v) in fp32 + one valid flag per slot
+    # the sampler: params by the rules; KV caches [L, Bp, P, K, E] (prompts) and [L, B, M, K, E] (rows)
+    # x (k, v) in fp32 + one valid flag per slot; one sample per prompt here, so Bp = B and P + M = S
     syn = _stage(result, "synthesis")
     assert syn["params"] == TINY_PARAMS_FSDP2 * 4
     S = 64 + 64  # prompt bucket 64 + new-token bucket 64 (16 new tokens round up to the first bucket)
@@ -50,6 +51,10 @@ def test_plan_bytes_match_hand_counts():
                          {"teacher": "tiny", "student": "tiny"}, 64)
     assert _stage(half, "sft")["opt_state"] == 2 * TINY_PARAMS_FSDP2 * 2
     assert _stage(half, "synthesis")["other"]["kv_cache"] == 2 * 2 * 8 * S * 2 * 16 * 2 + 8 * S
+    # 4 samples per prompt: 2 prompts' caches of P = 64 slots, shared, and 64 slots for each of the 8 rows
+    four = plan_lib.plan(_cfg("synthesis.samples_per_prompt=4"), 2, 2**30, {"teacher": "tiny", "student": "tiny"}, 64)
+    assert _stage(four, "synthesis")["other"]["kv_cache"] == (2 * 2 * 2 * 64 * 2 * 16 * 4 + 2 * 64) + (
+        2 * 2 * 8 * 64 * 2 * 16 * 4 + 8 * 64)
     # data=2 splits the sampler's 8 rows: 4 per device, the whole model on each
     split = plan_lib.plan(_cfg("mesh.data=2"), 2, 2**30, {"teacher": "tiny", "student": "tiny"}, 64)
     assert split["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}

@@ -147,9 +147,10 @@ def _train(stage, role, cfg, section_cfg, key, rows_total, seq_len, mesh_shape, 
 
 
 def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, key, params_dev, data) -> StagePlan:
-    """The sampler: its params as the rules place them, the KV cache of the prompts (prefill)
-    and of every row, the prefill's attention over all slots, and vocabulary-sized per-row
-    temporaries; the rows (prompt slots) split over ``data``, as the sampler places them."""
+    """The sampler: its params as the rules place them, the KV cache (one copy of each prompt's P
+    slots, shared by its n rows, and M slots per row), the prefill's attention over the prompt,
+    and vocabulary-sized per-row temporaries; the rows (prompt slots) split over ``data``, as
+    the sampler places them."""
     P = batching.bucket_length(prompt_len)
     M = batching.bucket_length(new_tokens)
     S = P + M
@@ -158,8 +159,8 @@ def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, ke
     def parts(B):
         B = -(-B // data)  # rows per device
         Bp = max(1, B // n)
-        kv = kv_cache_bytes(cfg, B, S) + (kv_cache_bytes(cfg, Bp, S) if n > 1 else 0)
-        prefill = Bp * P * (5 * cfg.n_heads * S + 10 * cfg.d_model + 4 * cfg.ffn_dim) * 4
+        kv = kv_cache_bytes(cfg, Bp, P) + kv_cache_bytes(cfg, B, M)
+        prefill = Bp * P * (5 * cfg.n_heads * P + 10 * cfg.d_model + 4 * cfg.ffn_dim) * 4
         per_row = B * cfg.vocab_size * (4 * 4 + 1)  # fp32 logits and their processed copies, `seen`
         return kv, prefill + per_row
 
