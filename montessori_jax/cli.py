@@ -398,7 +398,8 @@ def _bench_influence(args):
 
     return bench_influence, bench_influence.bench_influence(
         model=args.model, n_ref=args.ref_rows, n_probe=args.probes, n_original=args.original,
-        batch_size=args.batch_size, random=args.random, dtype=args.dtype)
+        batch_size=args.batch_size, random=args.random, dtype=args.dtype,
+        original_modes=tuple(m for m in args.original_modes.split(",") if m))
 
 
 def _bench_generate(args):
@@ -454,7 +455,10 @@ def _add_bench(sub) -> None:
         "bench",
         help="side-by-side timings against the reference implementations",
         description="Benchmarks that run ours and the reference side by side in one process and "
-        "print a table (and write JSON with the machine's description with --json).",
+        "print a table (and write JSON with the machine's description with --json). influence: "
+        "(a) the original procedure in PyTorch (see --original-modes), (b) our exact estimator, (c) "
+        "first-order, on the same weights, warm AdamW state, probes and D_ref, with the targets "
+        "(exact >= 1.5x (a) bf16 and >= 3x (a) fp32; first-order >= 10x (a) bf16 at 64 probes).",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which stage to time")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
@@ -467,7 +471,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--probes", type=int, default=32,
                    help="influence: probing examples ((c) pays grad L_ref once, so c/b grows with this)")
     p.add_argument("--original", type=int, default=3,
-                   help="influence: examples for the original procedure (0: skip it)")
+                   help="influence: examples for (a), the original procedure (0: skip it)")
+    p.add_argument("--original-modes", default="bf16,fp32", metavar="MODES",
+                   help="influence: comma-separated modes of (a): bf16 and fp32 run the original code's "
+                   "loop in PyTorch (transformers' Llama loaded in that dtype, torch AdamW with the warm "
+                   "state reloaded from disk per probe, one step on the probe and a pass over D_ref, "
+                   "every row padded to 1024 tokens); jax runs the earlier JAX replica of that loop")
     p.add_argument("--batch-sizes", default="1,16", help="generate: comma-separated batch sizes")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="generate: tokens per row (no early stop); serve: max_tokens per request")

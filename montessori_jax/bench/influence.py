@@ -1,14 +1,18 @@
 """``montessori bench influence``: the original procedure against ours, side by side.
 
-(a) original: per probing example, restore the warm state from its checkpoint on disk, one
-    training step on the example padded to 1024 tokens, a full pass over D_ref with every row
-    padded to 1024 (as the original code does); influence = L_before - L_after.
+(a) original: the original code's loop in PyTorch (``original_torch``): transformers' Llama and
+    torch AdamW with the warm state saved once by ``torch.save`` and reloaded from disk per
+    probing example, one step on the example padded to 1024 tokens, a full pass over D_ref with
+    every row padded to 1024; influence = L_before - L_after. In bf16 (the model loaded in
+    bfloat16, as the original does) and fp32. Mode "jax" keeps the earlier JAX replica of the
+    same loop (orbax checkpoint, our model and train step).
 (b) exact: examples batched with vmap in one compiled program, D_ref streamed at its real
     lengths (rows padded to multiples of 128).
 (c) first-order: grad L_ref once, then -<g_ref, delta_z> per example.
 
-All three run in JAX on the same model, data and warm state, so the comparison isolates the
-procedure. Compile time is reported separately and excluded from the per-example times.
+All run on the same model weights, data and warm state (ours, converted exactly for torch).
+Compile time is reported separately and excluded from (b)'s per-example time; (c) counts its
+one-off cost (grad L_ref and compile) in the 64-probe target.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from montessori_jax.bench import original_torch
 from montessori_jax.bench.common import build_model, cost_fields, machine_info, standin_example
 from montessori_jax.config import OptimConfig
 from montessori_jax.core import batching, optim, profiling, text
@@ -34,7 +39,12 @@ from montessori_jax.kernels import influence as influence_lib
 from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import stats
 
-ORIGINAL_LEN = 1024
+ORIGINAL_LEN = original_torch.ORIGINAL_LEN
+ORIGINAL_MODES = ("bf16", "fp32", "jax")
+# (name, numerator mode, our estimator, target ratio): the issue's side-by-side targets
+TARGETS = (("exact vs original bf16", "bf16", "exact", 1.5),
+           ("exact vs original fp32", "fp32", "exact", 3.0),
+           ("first-order at 64 probes vs original bf16", "bf16", "first_order_64", 10.0))
 
 
 def _seed_task_pairs(path: str, n: int, skip: int = 0) -> list[tuple[str, str]]:
@@ -60,10 +70,11 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def _original_procedure(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per_chunk, pad):
-    """(a) The original code's loop, per probe: reload the warm state from disk, one step on the
-    probe, one pass over D_ref. Returns (compile seconds, reload, step and reference-pass
-    seconds per probe, and each probe's influence)."""
+def _jax_replica(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per_chunk, pad):
+    """(a) in mode "jax": the original code's loop in JAX, per probe: reload the warm state from
+    its orbax checkpoint, one step on the probe, one pass over D_ref (L_ref the token mean over
+    all of it). Returns (compile seconds, reload, step and reference-pass seconds per probe,
+    and each probe's influence)."""
     params = state["params"]
     like = state
     step_a = train_step.make_train_step(graphdef, tx)
@@ -115,12 +126,23 @@ def _original_procedure(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per
 def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, n_original: int = 3,
                     lr: float = 5e-6, batch_size: int | None = None, ref_rows_per_chunk: int = 4,
                     ref_path: str | None = None, probe_path: str | None = None, progress: bool = True,
-                    random: str | None = None, dtype: str = "float32") -> dict:
+                    random: str | None = None, dtype: str = "float32",
+                    original_modes: tuple[str, ...] = ("bf16", "fp32")) -> dict:
     """``ref_path``, ``probe_path``: by default the shared data sets (``files.shared_data_path``).
     random: a ``RANDOM_PRESETS`` shape instead of ``model``, texts encoded by
     ``standin_example``; dtype: the matmuls' compute dtype (params and the update stay fp32).
-    n_original=0 skips (a)."""
+    original_modes: which (a) to run on the first ``n_original`` probes, of ``ORIGINAL_MODES``
+    ("bf16" and "fp32": the original procedure in PyTorch; "jax": the JAX replica);
+    n_original=0 skips (a). ``ref_rows_per_chunk``: (a)'s rows per reference batch and (b)'s
+    rows per chunk."""
     say = print if progress else (lambda *a, **k: None)
+    bad = [m for m in original_modes if m not in ORIGINAL_MODES]
+    if bad or len(set(original_modes)) != len(original_modes):
+        raise UserError(f"bench influence --original-modes {','.join(original_modes)}: expected distinct modes "
+                        f"of {', '.join(ORIGINAL_MODES)}")
+    torch_modes = [m for m in original_modes if m in original_torch.MODES] if n_original > 0 else []
+    if torch_modes:
+        original_torch.require_torch()
     ref_path = ref_path or shared_data_path("reference_alpaca_eval_gpt4_1106.jsonl")
     probe_path = probe_path or shared_data_path("self_instruct_seed_tasks.jsonl")
     for path in (ref_path, probe_path):
@@ -218,29 +240,53 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     # the exact program's FLOP/s and memory, before (a) adds its own
     costs = cost_fields(exact_matmul_flops / t_exact_examples)
 
-    # (a) the original procedure
-    compile_a, reload_s, step_s, refpass_s, original = None, [float("nan")], [float("nan")], [float("nan")], []
-    if n_original > 0:
-        say(f"(a) original: {n_original} examples")
+    # (a) the original procedure, in each mode
+    original: dict[str, dict] = {}
+    a_probes = probes[:n_original]
+    if n_original > 0 and original_modes:
         with tempfile.TemporaryDirectory(prefix="bench-influence-") as workdir:
-            ckpts = Checkpoints(os.path.join(workdir, "warm"))
-            try:
-                ckpts.save(1, state, {"step": 1}, wait=True)
-                compile_a, reload_s, step_s, refpass_s, original = _original_procedure(
-                    graphdef, tx, state, ckpts, ref_ex, probes[:n_original], ref_rows_per_chunk, pad)
-            finally:
-                ckpts.close()
-    per_a = float(np.mean(np.array(reload_s) + np.array(step_s) + np.array(refpass_s)))
+            if torch_modes:
+                hf_dir = original_torch.write_warm_hf(graphdef, params, os.path.join(workdir, "warm_hf"))
+            for mode in original_modes:
+                say(f"(a) original, {mode}: {len(a_probes)} examples")
+                if mode == "jax":
+                    ckpts = Checkpoints(os.path.join(workdir, "warm"))
+                    try:
+                        ckpts.save(1, state, {"step": 1}, wait=True)
+                        compile_a, reload_s, step_s, refpass_s, infl = _jax_replica(
+                            graphdef, tx, state, ckpts, ref_ex, a_probes, ref_rows_per_chunk, pad)
+                    finally:
+                        ckpts.close()
+                    o = {"reload": reload_s, "step": step_s, "reference_pass": refpass_s, "influence": infl,
+                         "compile_s": compile_a}
+                else:
+                    o = original_torch.run_mode(mode, hf_dir, cfg, mu, nu, int(count), hp, ref_ex, a_probes,
+                                                ref_rows_per_chunk, pad, workdir, say)
+                parts = np.array(o["reload"]) + np.array(o["step"]) + np.array(o["reference_pass"])
+                o["s_per_example"] = float(np.mean(parts))
+                o["breakdown_s"] = {k: float(np.mean(o.pop(k))) for k in ("reload", "step", "reference_pass")}
+                diff = np.array(o["influence"]) - exact[:len(a_probes)]
+                o["vs_exact"] = {"spearman": stats.spearman(np.array(o["influence"]), exact[:len(a_probes)]),
+                                 "max_abs_diff": float(np.abs(diff).max()),
+                                 "max_rel_diff": float((np.abs(diff) / np.abs(exact[:len(a_probes)])).max())}
+                original[mode] = o
     per_b = t_exact / len(probes)
     per_c = t_first / len(probes)
     agree = stats.agreement(exact, first)
-    n_a = len(original)
     per_fo = t_fo_examples / len(probes)
+    # (c) at 64 probes, its one-off cost (grad L_ref and its compile) spread over them
+    per_c64 = per_fo + (t_gref + compile_c) / 64
+    ours = {"exact": per_b, "first_order_64": per_c64}
+    targets = []
+    for what, mode, est, target in TARGETS:
+        if mode in original:
+            ratio = original[mode]["s_per_example"] / ours[est]
+            targets.append({"name": what, "ratio": ratio, "target": target, "met": bool(ratio >= target)})
     # (c) pays grad L_ref once per run, (b) the baseline pass once and a pass over D_ref per
     # example: c/b at P probes, from this run's measured parts
     per_b_marginal = (t_exact - t_base) / len(probes)
     growth = {str(p): (per_b_marginal + t_base / p) / (per_fo + t_gref / p) for p in (16, 32, 64, 256, 1024, 6000)}
-    r = {
+    return {
         "bench": "influence",
         "model": name,
         "dtype": dtype,
@@ -249,55 +295,67 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         "n_ref_target_tokens": ref.n_tokens,
         "ref_real_tokens": int(sum(len(e) for e in ref_ex)),
         "n_probe": len(probes),
-        "n_original": n_a,
+        "n_original": len(a_probes) if original else 0,
         "lr": lr,
         "batch_size": B,
+        "ref_rows_per_chunk": ref_rows_per_chunk,
         "memory_estimate": mem,
-        "s_per_example": {"original": per_a, "exact": per_b, "first_order": per_c},
-        "ratio_original_over_exact": per_a / per_b,
+        "s_per_example": {"exact": per_b, "first_order": per_c, "first_order_at_64_probes": per_c64,
+                          **{f"original_{k}": v["s_per_example"] for k, v in original.items()}},
+        "original": original,
+        "targets": targets,
         "ratio_exact_over_first_order": per_b / per_c,
-        "original_breakdown_s": {"reload": float(np.mean(reload_s)), "step": float(np.mean(step_s)),
-                                 "reference_pass": float(np.mean(refpass_s))},
         "exact_breakdown_s": {"baseline_once": t_base, "per_example": per_b_marginal},
         "first_order_breakdown_s": {"grad_ref_once": t_gref, "per_example": per_fo},
         "grad_ref_plan": plan,
         "ratio_exact_over_first_order_at_probes": growth,
-        "compile_s": {"original": compile_a, "exact": compile_b, "first_order": compile_c},
+        "compile_s": {"exact": compile_b, "first_order": compile_c},
         "agreement_exact_vs_first_order": agree,
-        "original_vs_exact_max_abs_diff": (float(np.abs(np.array(original) - exact[:n_a]).max()) if n_a
-                                           else float("nan")),
         "exact_matmul_flops_per_example": exact_matmul_flops / len(probes),
         **costs,
         "baseline_ref_loss": float(baseline),
-        "influence": {"exact": exact.tolist(), "first_order": first.tolist(), "original": original},
+        "influence": {"exact": exact.tolist(), "first_order": first.tolist()},
         "machine": machine_info(),
     }
-    if not n_a:  # (a) skipped: no numbers rather than NaN in the JSON
-        r["s_per_example"]["original"] = r["ratio_original_over_exact"] = r["original_vs_exact_max_abs_diff"] = None
-        r["original_breakdown_s"] = None
-    return r
 
 
 def format_table(r: dict) -> str:
     s = r["s_per_example"]
     a = r["agreement_exact_vs_first_order"]
-    bd = r["original_breakdown_s"] or {k: float("nan") for k in ("reload", "step", "reference_pass")}
-    nan = float("nan")
-    return "\n".join([
+    fo = r["first_order_breakdown_s"]
+    lines = [
         f"bench influence: {r['model']} ({r['params_m']}M), D_ref {r['n_ref_rows']} rows "
         f"({r['ref_real_tokens']} tokens), {r['n_probe']} probes (original: {r['n_original']}), lr {r['lr']:g}, B={r['batch_size']}",
-        f"{'':14} {'s/example':>10}",
-        f"{'(a) original':14} {s['original'] if s['original'] is not None else nan:10.2f}   reload {bd['reload']:.2f} + step {bd['step']:.2f} + reference pass {bd['reference_pass']:.2f}",
-        f"{'(b) exact':14} {s['exact']:10.2f}",
-        f"{'(c) first-ord':14} {s['first_order']:10.2f}   grad L_ref once {r['first_order_breakdown_s']['grad_ref_once']:.1f} s"
-        f" + {r['first_order_breakdown_s']['per_example']:.2f} s per example",
-        f"b/a speedup {r['ratio_original_over_exact'] or nan:.2f}x, c/b speedup {r['ratio_exact_over_first_order']:.2f}x",
-        "c/b at P probes, from the measured parts: " + ", ".join(
+        f"{'':22} {'s/example':>10}",
+    ]
+    for mode, o in r["original"].items():
+        what = "jax replica" if mode == "jax" else f"torch {mode}"
+        bd = o["breakdown_s"]
+        lines.append(f"{'(a) original, ' + mode:22} {o['s_per_example']:10.2f}   {what}: reload {bd['reload']:.2f} + "
+                     f"step {bd['step']:.2f} + reference pass {bd['reference_pass']:.2f}")
+    lines += [
+        f"{'(b) exact':22} {s['exact']:10.2f}   baseline pass once {r['exact_breakdown_s']['baseline_once']:.1f} s "
+        f"+ {r['exact_breakdown_s']['per_example']:.2f} s per example",
+        f"{'(c) first-order':22} {s['first_order']:10.2f}   grad L_ref once {fo['grad_ref_once']:.1f} s"
+        f" + {fo['per_example']:.2f} s per example (compile {r['compile_s']['first_order']:.1f} s)",
+        f"{'(c) at 64 probes':22} {s['first_order_at_64_probes']:10.2f}   grad L_ref and compile spread over 64",
+    ]
+    if r["targets"]:
+        lines.append(f"{'target':44} {'ratio':>7} {'target':>8}  met")
+        lines += [f"{t['name']:44} {t['ratio']:6.2f}x {'>= ' + format(t['target'], 'g') + 'x':>8}  "
+                  f"{'met' if t['met'] else 'not met'}" for t in r["targets"]]
+    lines += [
+        f"c/b speedup {r['ratio_exact_over_first_order']:.2f}x; c/b at P probes, from the measured parts: " + ", ".join(
             f"{p}: {v:.1f}x" for p, v in r.get("ratio_exact_over_first_order_at_probes", {}).items()),
-        f"exact vs first-order: Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.1%}; "
-        f"original vs exact max |diff| {r['original_vs_exact_max_abs_diff'] or nan:.2e}",
-    ] + ([f"(b) exact: {r['exact_matmul_flops_per_example']:.3g} matmul FLOPs per example, "
-          f"{r['achieved_flops_per_s']:.3g} FLOP/s, MFU "
-          + (f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown (no peak for this device)")
-          + f"; peak memory {r['peak_memory_gb']:.2f} GiB ({r['peak_memory_measured']})"]
-         if "achieved_flops_per_s" in r else []))
+        f"exact vs first-order: Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.1%}",
+    ]
+    for mode, o in r["original"].items():
+        v = o["vs_exact"]
+        lines.append(f"(a) {mode} vs (b) exact on {r['n_original']} probes: Spearman {v['spearman']:.3f}, "
+                     f"max |diff| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.1e})")
+    if "achieved_flops_per_s" in r:
+        lines.append(f"(b) exact: {r['exact_matmul_flops_per_example']:.3g} matmul FLOPs per example, "
+                     f"{r['achieved_flops_per_s']:.3g} FLOP/s, MFU "
+                     + (f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown (no peak for this device)")
+                     + f"; peak memory {r['peak_memory_gb']:.2f} GiB ({r['peak_memory_measured']})")
+    return "\n".join(lines)

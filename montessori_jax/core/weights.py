@@ -529,6 +529,16 @@ def _hf_tensor_list(cfg: LlamaConfig) -> Iterator[tuple[str, str, int | None]]:
         yield "lm_head.weight", "lm_head", None
 
 
+def hf_arrays(cfg: LlamaConfig, tree: Mapping[str, jax.Array]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array in the HF (out, in) layout) for each tensor of ``tree``, a dict in
+    our params' layout (the params, or AdamW moments of the same shapes), in the export's order.
+    Each tensor is gathered to the host as it is yielded."""
+    inverse = _ours_to_hf(cfg)
+    for hf_name, ours, layer in _hf_tensor_list(cfg):
+        value = tree[ours] if layer is None else tree[ours][layer]
+        yield hf_name, inverse[ours](np.asarray(sharding_lib.to_host(value), dtype=np.float32))
+
+
 def save_hf(
     model: model_lib.Llama,
     out_dir: str,
