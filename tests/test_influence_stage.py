@@ -200,3 +200,37 @@ def test_kept_reference_serves_a_second_scoring_then_is_released(warm, tmp_path,
     assert not influence_stage._REF_CACHE  # used without keep_reference: not kept for a third
     with pytest.raises(AssertionError, match="computed again"):
         run_influence(cfg(other), str(tmp_path / "third"), progress=False)
+
+
+def test_every_length_bucket_is_compiled_before_the_first_chunk(warm, tmp_path, monkeypatch):
+    """Probes sorted by length reach a longer bucket mid-run; its programs were compiled up front,
+    so nothing is traced between the first and the last chunk."""
+    import jax
+
+    from montessori_jax import faults
+
+    d, warm_dir, _, ref = warm
+    rows = _rows(4, 7)
+    for r in rows[2:]:  # two probes well past the first length bucket (64)
+        r["response"] = " ".join(WORDS * 6)
+    probe = _write(tmp_path / "two_buckets.jsonl", rows)
+    from jax._src import monitoring
+
+    events = []
+
+    def on_event(name, *_a, **_k):
+        if name == "/jax/core/compile/jaxpr_trace_duration":
+            events.append("trace")
+
+    real_point = faults.point
+    monkeypatch.setattr(faults, "point", lambda name: (events.append(name), real_point(name))[1])
+    out = tmp_path / "inf"
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        assert main(["influence", "--out", str(out), "--estimator", "both", *_args(warm_dir, probe, ref)]) == 0
+    finally:
+        monitoring.unregister_event_duration_listener(on_event)
+    chunks = [i for i, e in enumerate(events) if e == "influence.chunk"]
+    assert len(chunks) == 2
+    assert "trace" not in events[chunks[0]:chunks[-1]]
+    assert len(_scores(out / "scores.jsonl")) == 4

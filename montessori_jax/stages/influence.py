@@ -297,19 +297,38 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         if profile_dir and sub:
             first = sharding.put_rows(next(iter(batching.batches(sub, B, pad_id=pad_id)))[1], mesh)
             _profile(profile_dir, student, hp, p_dtype, exact_fn, fo_fn, ref, base_nll, g_ref, first, B, progress)
+        # every probe length bucket's programs are compiled before the first chunk, so the run
+        # never stops mid-way to compile when the (length-sorted) probes reach a longer bucket
+        host_batches = list(batching.batches(sub, B, pad_id=pad_id))
+        state = (params, student.mu, student.nu, student.count)
+        calls = {}
+        if want_exact:
+            calls["exact"] = (exact_fn, lambda b: (*state, b, ref.groups, base_nll, hp.lr))
+        if check_fp32:
+            calls["exact32"] = (exact32, lambda b: (*state, b, ref.groups, base_nll32, hp.lr))
+        if want_fo:
+            calls["first_order"] = (fo_fn, lambda b: (*state, b, g_ref, hp.lr))
+        programs, t_compile = {}, time.perf_counter()
+        for _, batch in host_batches:
+            T = batch["tokens"].shape[1]
+            if T not in programs:
+                dev = sharding.put_rows(batch, mesh)
+                programs[T] = {name: fn.lower(*args(dev)).compile() for name, (fn, args) in calls.items()}
+        if progress and programs:
+            print(f"influence: {len(programs) * len(calls)} program(s) for probe lengths {sorted(programs)} "
+                  f"compiled in {time.perf_counter() - t_compile:.1f} s")
         with open_append(scores_path) as out:
-            for idx, batch in batching.batches(sub, B, pad_id=pad_id):
+            for idx, batch in host_batches:
+                run = programs[batch["tokens"].shape[1]]
                 batch = sharding.put_rows(batch, mesh)
                 cols = {}
                 if want_exact:
-                    drop, unchanged = sharding.to_host(exact_fn(params, student.mu, student.nu, student.count,
-                                                                batch, ref.groups, base_nll, hp.lr))
+                    drop, unchanged = sharding.to_host(run["exact"](*calls["exact"][1](batch)))
                     cols["drop"], cols["unchanged"] = drop, unchanged
                 if check_fp32:
-                    cols["drop32"] = sharding.to_host(exact32(params, student.mu, student.nu, student.count,
-                                                            batch, ref.groups, base_nll32, hp.lr))[0]
+                    cols["drop32"] = sharding.to_host(run["exact32"](*calls["exact32"][1](batch)))[0]
                 if want_fo:
-                    cols["pred"] = sharding.to_host(fo_fn(params, student.mu, student.nu, student.count, batch, g_ref, hp.lr))
+                    cols["pred"] = sharding.to_host(run["first_order"](*calls["first_order"][1](batch)))
                 for j, local in enumerate(idx):
                     i = todo[local]
                     row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)
