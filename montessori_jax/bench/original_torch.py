@@ -34,10 +34,11 @@ MODES = {"bf16": "bfloat16", "fp32": "float32"}
 def require_torch() -> None:
     """A one-line UserError where torch is missing (before any long work starts)."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise UserError("bench influence: (a), the original procedure in PyTorch, needs torch: "
                         "pip install torch==2.13.0 (or run with --original 0)") from None
+    del torch  # only whether it imports
 
 
 def _padded(examples, pad: int) -> dict:
