@@ -315,7 +315,7 @@ class Sampler:
         self.num_traces = 0  # Python traces of either program; equals num_compiled if nothing retraces
         self.compile_seconds = 0.0
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "M", "K"))
-        self._decode_jit = jax.jit(self._decode, static_argnames=("P", "K"), donate_argnames=("state",))
+        self._decode_jit = jax.jit(self._decode, static_argnames=("K",), donate_argnames=("state",))
 
     @property
     def num_compiled(self) -> int:
@@ -392,7 +392,7 @@ class Sampler:
 
         return jax.tree_util.tree_map_with_path(one, state)
 
-    def _decode(self, params, state, knobs, *, P: int, K: int = 0):
+    def _decode(self, params, state, knobs, *, K: int = 0):
         """Run the decode loop to the token limit or until every row is done."""
         self.num_traces += 1
         model = model_lib.merge_params(self.graphdef, params)
@@ -507,7 +507,7 @@ class Sampler:
         )
         state = prefill(self.params, batch, knobs)
         decode = self._program(
-            "decode", (Bp * n, P, M) + lp_key, self._decode_jit, self.params, state, knobs, P=P, K=K
+            "decode", (Bp * n, P, M) + lp_key, self._decode_jit, self.params, state, knobs, K=K
         )
         return decode(self.params, state, knobs)
 

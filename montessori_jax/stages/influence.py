@@ -258,11 +258,10 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         baseline = base_nll = None
         if "baseline" in cached:
             baseline, base_nll = _take(cached, "baseline")
-        if baseline is None or (need_nll and base_nll is None):
-            if need_nll:
-                baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
-                if keep_reference:
-                    _keep(cached, "baseline", (baseline, base_nll))
+        if need_nll and base_nll is None:
+            baseline, base_nll = influence_lib.make_baseline(student.graphdef, p_dtype)(params, ref.groups)
+            if keep_reference:
+                _keep(cached, "baseline", (baseline, base_nll))
         exact_fn = influence_lib.make_exact(student.graphdef, hp, p_dtype) if want_exact else None
         check_fp32 = want_exact and icfg.param_dtype != "float32"
         if check_fp32:  # the precision probe also runs the fp32 estimator, to compare signs
@@ -294,12 +293,12 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         t_start, n_done = time.perf_counter(), 0
         bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
         sub = [probe[i] for i in todo]
-        if profile_dir and sub:
-            first = sharding.put_rows(next(iter(batching.batches(sub, B, pad_id=pad_id)))[1], mesh)
+        host_batches = list(batching.batches(sub, B, pad_id=pad_id))
+        if profile_dir and host_batches:
+            first = sharding.put_rows(host_batches[0][1], mesh)
             _profile(profile_dir, student, hp, p_dtype, exact_fn, fo_fn, ref, base_nll, g_ref, first, B, progress)
         # every probe length bucket's programs are compiled before the first chunk, so the run
         # never stops mid-way to compile when the (length-sorted) probes reach a longer bucket
-        host_batches = list(batching.batches(sub, B, pad_id=pad_id))
         state = (params, student.mu, student.nu, student.count)
         calls = {}
         if want_exact:
@@ -321,14 +320,14 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             for idx, batch in host_batches:
                 run = programs[batch["tokens"].shape[1]]
                 batch = sharding.put_rows(batch, mesh)
+                got = {name: sharding.to_host(run[name](*args(batch))) for name, (_, args) in calls.items()}
                 cols = {}
-                if want_exact:
-                    drop, unchanged = sharding.to_host(run["exact"](*calls["exact"][1](batch)))
-                    cols["drop"], cols["unchanged"] = drop, unchanged
-                if check_fp32:
-                    cols["drop32"] = sharding.to_host(run["exact32"](*calls["exact32"][1](batch)))[0]
-                if want_fo:
-                    cols["pred"] = sharding.to_host(run["first_order"](*calls["first_order"][1](batch)))
+                if "exact" in got:
+                    cols["drop"], cols["unchanged"] = got["exact"]
+                if "exact32" in got:
+                    cols["drop32"] = got["exact32"][0]
+                if "first_order" in got:
+                    cols["pred"] = got["first_order"]
                 for j, local in enumerate(idx):
                     i = todo[local]
                     row = _score_row(ids[i], probe_pairs[i].row.get("seed_prompt"), cols, j, baseline, icfg)
