@@ -24,8 +24,14 @@ def batch_token_nll(logits_BTV, tokens_BT, loss_mask_BT):
 
 
 def token_nll_per_position(logits_BTV: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Array):
-    """Per-target NLL [B, T-1] in fp32 (0 where the mask is off), and the mask as fp32."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-    logp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    """Per-target NLL [B, T-1] in fp32 (0 where the mask is off), and the mask as fp32.
+
+    NLL = logsumexp(logits) - logit of the target, over the whole [B, T, V] logits with the
+    [B, T] results sliced after: neither a shifted copy of the logits nor their log-softmax is
+    materialised (XLA:CPU, SmolLM2 on 4 x 640 tokens: the forward and loss 4.8 -> 3.4 s)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)  # position t scores token t+1
+    target_BT = jnp.take_along_axis(logits_BTV, next_BT[..., None], axis=-1)[..., 0]
     mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
-    return -logp_BT * mask_BT, mask_BT
+    return (lse_BT - target_BT)[:, :-1] * mask_BT, mask_BT
