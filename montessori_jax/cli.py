@@ -398,7 +398,7 @@ def _bench_influence(args):
 
     return bench_influence, bench_influence.bench_influence(
         model=args.model, n_ref=args.ref_rows, n_probe=args.probes, n_original=args.original,
-        batch_size=args.batch_size, random=args.random, dtype=args.dtype,
+        batch_size=args.batch_size, fo_batch_size=args.fo_batch_size, random=args.random, dtype=args.dtype,
         original_modes=tuple(m for m in args.original_modes.split(",") if m))
 
 
@@ -467,6 +467,9 @@ def _add_bench(sub) -> None:
                    help="sft: examples per step; influence: B; dpo: pairs per step; serve: concurrent requests")
     p.add_argument("--length", type=int, default=256, help="sft, dpo: tokens per row; generate --random: prompt tokens")
     p.add_argument("--steps", type=int, default=5, help="sft, dpo: timed steps")
+    p.add_argument("--fo-batch-size", type=int, default=None,
+                   help="influence: B of (c), first-order (default: as the stage chooses it for first-order "
+                   "alone, at most 4)")
     p.add_argument("--ref-rows", type=int, default=16, help="influence: D_ref rows")
     p.add_argument("--probes", type=int, default=32,
                    help="influence: probing examples ((c) pays grad L_ref once, so c/b grows with this)")

@@ -99,6 +99,24 @@ def test_slurm_cluster_one_task_per_node_and_outside_steps():
     assert distributed._tasks_on_node("2(x3),1", 3) == 1 and distributed._tasks_on_node("2(x3),1", 2) == 2
 
 
+def test_processes_sharing_this_hosts_memory(monkeypatch):
+    loop = {"MONTESSORI_COORDINATOR": "127.0.0.1:4000", "MONTESSORI_NUM_PROCESSES": "3", "MONTESSORI_PROCESS_ID": "1"}
+    assert distributed.processes_on_this_host(loop) == 3
+    assert distributed.processes_on_this_host({**loop, "MONTESSORI_COORDINATOR": "localhost:4000"}) == 3
+    assert distributed.processes_on_this_host({**loop, "MONTESSORI_COORDINATOR": "node7:4000"}) == 1
+    assert distributed.processes_on_this_host(SLURM) == 4  # 4(x2): four tasks on each node
+    assert distributed.processes_on_this_host({**SLURM, "SLURM_STEP_TASKS_PER_NODE": "1(x8)"}) == 1
+    assert distributed.processes_on_this_host({}) == 1
+    # a CPU device's memory is the host's RAM over every device sharing it
+    from montessori_jax.kernels import influence_memory
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(distributed.os, "environ", loop)
+    import jax
+
+    assert influence_memory.device_memory_bytes() == ram // (jax.local_device_count() * 3)
+
+
 def test_tpu_pod_detection():
     assert distributed.is_tpu_pod({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3", "TPU_WORKER_ID": "1"})
     assert distributed.is_tpu_pod({"TPU_PROCESS_ADDRESSES": "a:8476,b:8476"})

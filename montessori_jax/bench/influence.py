@@ -124,7 +124,8 @@ def _jax_replica(graphdef, tx, state, ckpts, ref_ex, probes, ref_rows_per_chunk,
 
 
 def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, n_original: int = 3,
-                    lr: float = 5e-6, batch_size: int | None = None, ref_rows_per_chunk: int = 4,
+                    lr: float = 5e-6, batch_size: int | None = None, fo_batch_size: int | None = None,
+                    ref_rows_per_chunk: int = 4,
                     ref_path: str | None = None, probe_path: str | None = None, progress: bool = True,
                     random: str | None = None, dtype: str = "float32",
                     original_modes: tuple[str, ...] = ("bf16", "fp32")) -> dict:
@@ -213,8 +214,14 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     t_exact = t_exact_examples + t_base
     exact_matmul_flops = sum(exact_flops[b["tokens"].shape] for _, b in batches)
 
-    # (c) first order
-    say("(c) first-order")
+    # (c) first order: its own B, as the stage chooses it for first-order alone (no reference
+    # pass per example), at most 4 on a CPU (there B=4 ran 1.04 s per example against 1.12 at 8
+    # and 1.9 at 2, SmolLM2 probes of 128 tokens)
+    B_fo = fo_batch_size or influence_memory.choose_batch(cfg, len(probes), probe_len, 0, ref_len, 0.5)[0]
+    if not fo_batch_size and jax.default_backend() == "cpu":
+        B_fo = min(B_fo, 4)
+    fo_batches = list(batching.batches(probes, B_fo, pad_id=pad))
+    say(f"(c) first-order: B={B_fo}")
     plan = influence_memory.plan_ref_grad(cfg, ref_len, ref_rows_per_chunk, 0.5)
     grad_ref = influence_lib.make_ref_set(ref_ex, plan["rows_per_chunk"], pad)
     say(f"  grad L_ref: {plan['rows_per_chunk']} row(s) per chunk, remat {plan['remat']}")
@@ -223,7 +230,7 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     grad_c = grad_fn.lower(params, grad_ref.groups).compile()
     fo_fn = influence_lib.make_first_order(graphdef, hp)
     fo_compiled = {}
-    for _, b in batches:
+    for _, b in fo_batches:
         if b["tokens"].shape not in fo_compiled:
             fo_compiled[b["tokens"].shape] = fo_fn.lower(params, mu, nu, count, b, jax.eval_shape(lambda: params),
                                                            lr).compile()
@@ -231,7 +238,7 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     (_, g_ref), t_gref = _timed(grad_c, params, grad_ref.groups)
     first = np.zeros(len(probes))
     t0 = time.perf_counter()
-    for idx, b in batches:
+    for idx, b in fo_batches:
         first[idx] = np.asarray(fo_compiled[b["tokens"].shape](params, mu, nu, count, b, g_ref, lr))[: len(idx)]
     t_fo_examples = time.perf_counter() - t0
     t_first = t_gref + t_fo_examples
@@ -298,6 +305,7 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         "n_original": len(a_probes) if original else 0,
         "lr": lr,
         "batch_size": B,
+        "first_order_batch_size": B_fo,
         "ref_rows_per_chunk": ref_rows_per_chunk,
         "memory_estimate": mem,
         "s_per_example": {"exact": per_b, "first_order": per_c, "first_order_at_64_probes": per_c64,
@@ -325,7 +333,8 @@ def format_table(r: dict) -> str:
     fo = r["first_order_breakdown_s"]
     lines = [
         f"bench influence: {r['model']} ({r['params_m']}M), D_ref {r['n_ref_rows']} rows "
-        f"({r['ref_real_tokens']} tokens), {r['n_probe']} probes (original: {r['n_original']}), lr {r['lr']:g}, B={r['batch_size']}",
+        f"({r['ref_real_tokens']} tokens), {r['n_probe']} probes (original: {r['n_original']}), lr {r['lr']:g}, "
+        f"B={r['batch_size']} (first-order {r.get('first_order_batch_size', r['batch_size'])})",
         f"{'':22} {'s/example':>10}",
     ]
     for mode, o in r["original"].items():

@@ -4,11 +4,15 @@
     python -m montessori_jax.bench.plan_check all --json FILE        every case, one process each
 
 A case runs one stage's compiled program on a random-weight model of the named shape, twice:
-the first call compiles, the second is measured. Measured = peak RSS during the second call
-(the kernel's peak counter reset just before it, after returning freed memory to the OS)
-minus the RSS after imports, so the params, optimizer state and inputs count and the compiler
-does not. XLA's own account of the program (arguments + outputs + temporaries - aliased) is
-reported beside it. The plan's number is ``montessori plan``'s total for the same config.
+the first call compiles, the second is measured. Measured = the bytes of the arrays the call
+takes (params, optimizer state, inputs: counted exactly) plus how far the process's resident
+memory rises above its level just before the call (the kernel's peak counter reset there,
+after returning freed memory to the OS): the program's temporaries and outputs. The runtime's
+own constant footprint (compiled code, thread pools, the interpreter) is left out, as the plan
+leaves it out. Large allocations are taken from the OS directly (glibc's mmap threshold fixed
+at 64 KiB), so memory freed by the first call is not silently reused by the second. XLA's own
+account of the program (arguments + outputs + temporaries - aliased) is reported beside it.
+The plan's number is ``montessori plan``'s total for the same config.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ def _rss(field: str = "VmRSS") -> int:
     raise RuntimeError(field)
 
 
+def _fix_mmap_threshold() -> None:
+    """Every allocation over 64 KiB its own mapping, returned to the OS when freed (glibc
+    otherwise raises the threshold after the first large free and keeps later ones in its heap)."""
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+
+def _nbytes(*trees) -> int:
+    import jax
+
+    return int(sum(x.nbytes for x in jax.tree.leaves(trees) if hasattr(x, "nbytes")))
+
+
 def _reset_peak() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -87,8 +104,8 @@ def run_case(name: str) -> dict:
     mcfg = getattr(cfg, role)
     planned = plan_lib.plan(cfg, 1, 64 * 2**30, {"teacher": shape, "student": shape}, PROMPT_LEN)
     row = next(p for p in planned["stages"] if p["stage"] == stage)
+    _fix_mmap_threshold()
     jax.numpy.zeros(1).block_until_ready()
-    base = _rss()
 
     lcfg = model_lib.LlamaConfig(**model_lib.SHAPES[shape], param_dtype=mcfg.param_dtype, dtype=mcfg.dtype,
                                  remat=mcfg.remat)
@@ -116,7 +133,10 @@ def run_case(name: str) -> dict:
         xla = _xla_bytes(step.lower(state, batch).compile())
         state, m = step(state, batch)
         jax.block_until_ready(m)
+        del m
+        args = _nbytes(state, batch)
         _reset_peak()
+        base = _rss()
         state, m = step(state, batch)
         jax.block_until_ready((state, m))
     elif stage == "influence":
@@ -136,8 +156,11 @@ def run_case(name: str) -> dict:
             args = (params, mu, nu, count, batch, ref.groups, base_nll, hp.lr)
             xla = _xla_bytes(fn.lower(*args).compile())
             jax.block_until_ready(fn(*args))
+            n_args = _nbytes(args)
             _reset_peak()
+            base = _rss()
             jax.block_until_ready(fn(*args))
+            args = n_args
         else:
             plan = row["other"]
             grad_ref = influence_lib.make_ref_set(
@@ -150,7 +173,9 @@ def run_case(name: str) -> dict:
                       _xla_bytes(fo.lower(params, mu, nu, count, batch, g, hp.lr).compile()) or 0)
             jax.block_until_ready(out)
             del g, out
+            args = _nbytes(params, mu, nu, count, batch, grad_ref.groups)
             _reset_peak()
+            base = _rss()
             g = gfn(params, grad_ref.groups)[1]
             jax.block_until_ready(fo(params, mu, nu, count, batch, g, hp.lr))
     else:
@@ -161,11 +186,13 @@ def run_case(name: str) -> dict:
         prompts = [list(tokens(PROMPT_LEN)) for _ in range(syn.batch_size // n)]
         sp = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=syn.instruction_sampling.max_new_tokens, n=n)
         sampler.generate(prompts, sp, stop_ids=(), batch_size=syn.batch_size)
+        args = _nbytes(sampler.params)
         _reset_peak()
+        base = _rss()
         sampler.generate(prompts, sp, stop_ids=(), batch_size=syn.batch_size)
     peak = _rss("VmHWM")
     return {"case": name, "shape": shape, "stage": stage, "overrides": overrides,
-            "measured_bytes": peak - base, "baseline_rss": base, "xla_bytes": xla, "plan_bytes": row["total"],
+            "measured_bytes": args + peak - base, "argument_bytes": args, "rss_before_call": base, "xla_bytes": xla, "plan_bytes": row["total"],
             "plan_row": row}
 
 

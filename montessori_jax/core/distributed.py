@@ -182,6 +182,21 @@ def slurm_cluster(env) -> dict | None:
             "timeout": _timeout(env), "cuda_visible_devices": cuda}
 
 
+def processes_on_this_host(env=None) -> int:
+    """How many processes of this job share this machine's memory: all of them for a cluster
+    whose coordinator is on loopback (several processes on one machine, as the tests run),
+    Slurm's tasks on this node, else 1 (one process per host: TPU slices, one task per node)."""
+    env = os.environ if env is None else env
+    cluster = cluster_from_env(env)
+    if cluster:
+        host = _host_port(cluster["coordinator"])[0]
+        return cluster["num_processes"] if host in ("localhost", "::1") or host.startswith("127.") else 1
+    if env.get(ENV_SLURM, "1") != "0" and "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        return _tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0")))
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------
 # TPU pod slices
 

@@ -233,14 +233,15 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
         ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
         probe_len = batching.bucket_length(max(len(e) for e in probe))
+        want_exact = icfg.estimator in ("exact", "both")
         B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
-            student.cfg, len(probe), probe_len, icfg.ref_batch_size, ref_len, icfg.memory_fraction)
+            student.cfg, len(probe), probe_len, icfg.ref_batch_size if want_exact else 0, ref_len,
+            icfg.memory_fraction)
         B = sharding.round_rows(B, mesh)  # the probes of a program split over data (dead rows pad)
         if mem and progress:
             print(f"influence: {B} probing examples per program (estimated "
                   f"{mem['per_example_bytes'] / 2**30:.2f} GiB each, {mem['device_bytes'] / 2**30:.0f} GiB device)")
 
-        want_exact = icfg.estimator in ("exact", "both")
         want_fo = icfg.estimator in ("first_order", "both")
         params = student.params
         # L_ref and its gradient depend on the warm state and D_ref alone: a second scoring of
