@@ -283,8 +283,10 @@ def test_ref_grad_does_not_depend_on_remat_or_chunk_size(warm_tiny):
 def test_plan_ref_grad_follows_the_memory_estimate(monkeypatch):
     cfg = M.LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                         tie_embeddings=True)
-    # the estimate's calibration point: 1 row of 1024 tokens without remat, 7.8 GB measured
-    assert influence_memory.ref_grad_bytes(cfg, 1, 1024, remat=False) == pytest.approx(8.1e9 + 2 * cfg.num_params() * 4, rel=0.05)
+    # a calibration point: 1 row of 1024 tokens without remat, XLA's temporaries and output for
+    # that program 3217 + 513 MiB on CPU; the estimate is an upper bound within 20% of it
+    xla = (3217 + 513) * 2**20
+    assert xla <= influence_memory.ref_grad_bytes(cfg, 1, 1024, remat=False) <= 1.2 * xla
     assert influence_memory.ref_grad_bytes(cfg, 4, 1024, remat=True) < influence_memory.ref_grad_bytes(cfg, 4, 1024, remat=False)
 
     def plan(device_gb):

@@ -100,3 +100,15 @@ def test_plan_cli_table_and_json(tmp_path, capsys):
     assert _stage(result, "warmup")["params"] == TINY_PARAMS_FSDP2 * 4
     assert main(["plan", "--devices", "2", "--model-shape", "tiny"]) == 2
     assert "--device-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["tiny-sft", "tiny-sft-remat", "tiny-exact", "tiny-first-order"])
+def test_plan_within_20_percent_of_xlas_own_account(case):
+    """The plan's total for a stage against XLA's buffer assignment of that stage's compiled
+    program on the tiny shape (arguments + outputs + temporaries - aliased), the number the
+    measured peaks of docs/plan.md track within a few percent."""
+    from montessori_jax.bench import plan_check
+
+    r = plan_check.run_case(case)
+    assert r["xla_bytes"] > 0
+    assert 0.8 <= r["plan_bytes"] / r["xla_bytes"] <= 1.2, (r["plan_bytes"], r["xla_bytes"])

@@ -1,8 +1,11 @@
 """How much of the device the compiled programs take: how many probing examples one exact
 influence program runs at once, whether grad L_ref fits without remat, and the byte counts
 behind them (activations of a backward pass, a forward pass) that ``montessori plan`` reuses
-for every stage. Rough upper estimates from the model's shape, calibrated on SmolLM2-135M on
-CPU; the numbers are fp32 whatever the compute dtype, so they are upper bounds in bf16.
+for every stage. Estimates from the model's shape, fitted to XLA's own buffer assignment
+(``compiled.memory_analysis()``) of our programs on CPU across tiny shapes (vocabulary, width,
+depth, heads, ffn and row length varied one at a time) and SmolLM2-135M, and checked against
+measured peaks (docs/plan.md); the numbers are fp32 whatever the compute dtype, so they are
+upper bounds in bf16.
 
 ``params`` below is the number of parameters one device holds (the whole model unless the
 caller divides it by its sharding); ``device_bytes`` the memory of one device (default: the
@@ -33,17 +36,40 @@ def device_memory_bytes() -> int:
     return int(ram // (jax.local_device_count() * distributed.processes_on_this_host()))
 
 
+def attention_keys(cfg: model_lib.LlamaConfig, seq_len: int) -> float:
+    """Keys per query that ``model.causal_attention`` computes scores for, on average: its query
+    blocks meet only the keys up to their own end, (T + block) / 2 of the T."""
+    block = model_lib.ATTENTION_BLOCK
+    return (seq_len + block) / 2 if seq_len > block else seq_len
+
+
 def layer_bytes_per_token(cfg: model_lib.LlamaConfig, seq_len: int) -> int:
-    """One layer's activations per token that a backward pass keeps (attention's [heads, T, T]
-    fp32 temporaries dominate at long rows)."""
+    """One layer's activations per token that a backward pass keeps: about 4 values per d_model
+    and 5 per ffn unit, and 3 fp32 scores per head and key (attention's, which dominate at long
+    rows)."""
     d, f, h = cfg.d_model, cfg.ffn_dim, cfg.n_heads
-    return (5 * h * seq_len + 10 * d + 4 * f) * 4
+    return int((4 * d + 5 * f + 3 * h * attention_keys(cfg, seq_len)) * 4)
 
 
-def logits_bytes_per_token(cfg: model_lib.LlamaConfig, copies: int = 5) -> int:
-    """Vocabulary-sized fp32 temporaries per token: logits, log-softmax and its exp (3, a
-    forward), plus their gradients (5, a backward)."""
-    return copies * cfg.vocab_size * 4
+def remat_layer_bytes_per_token(cfg: model_lib.LlamaConfig, seq_len: int) -> int:
+    """One layer's temporaries per token while a rematerialised backward pass recomputes and
+    differentiates it: 2 values per d_model, 5 per ffn unit, 2.5 fp32 scores per head and key."""
+    d, f, h = cfg.d_model, cfg.ffn_dim, cfg.n_heads
+    return int((2 * d + 5 * f + 2.5 * h * attention_keys(cfg, seq_len)) * 4)
+
+
+def forward_layer_bytes_per_token(cfg: model_lib.LlamaConfig, seq_len: int) -> int:
+    """One layer's temporaries per token in a forward pass without gradient: a few activations
+    and the attention scores (about 1.25 fp32 values per head and key)."""
+    d, f, h = cfg.d_model, cfg.ffn_dim, cfg.n_heads
+    return int(8 * (d + f) + 5 * h * attention_keys(cfg, seq_len))
+
+
+def logits_bytes_per_token(cfg: model_lib.LlamaConfig, backward: bool = True) -> int:
+    """Vocabulary-sized temporaries per token: the fp32 logits (NLL is their logsumexp minus the
+    target's logit; nothing else of that size is kept), and in a backward pass about a quarter
+    more (their gradient reuses the buffer)."""
+    return (5 if backward else 4) * cfg.vocab_size
 
 
 def activation_bytes(cfg: model_lib.LlamaConfig, rows: int, seq_len: int, remat: bool) -> int:
@@ -51,41 +77,43 @@ def activation_bytes(cfg: model_lib.LlamaConfig, rows: int, seq_len: int, remat:
     temporaries and the layers' activations kept for the backward; with remat only the residual
     stream of each layer is kept, plus one layer's temporaries."""
     tokens = rows * seq_len
-    layer = layer_bytes_per_token(cfg, seq_len)
-    kept = tokens * (cfg.n_layers * cfg.d_model * 4 + layer) if remat else tokens * cfg.n_layers * layer
+    if remat:
+        kept = tokens * (cfg.n_layers * cfg.d_model * 4 + remat_layer_bytes_per_token(cfg, seq_len))
+    else:
+        kept = tokens * cfg.n_layers * layer_bytes_per_token(cfg, seq_len)
     return tokens * logits_bytes_per_token(cfg) + kept
 
 
 def forward_bytes(cfg: model_lib.LlamaConfig, rows: int, seq_len: int) -> int:
-    """A forward pass (no gradient) over ``rows`` x ``seq_len`` tokens: the logits'
-    temporaries and one layer's at a time."""
+    """A forward pass (no gradient) over ``rows`` x ``seq_len`` tokens: the logits and one
+    layer's temporaries at a time."""
     tokens = rows * seq_len
-    return tokens * (logits_bytes_per_token(cfg, 3) + layer_bytes_per_token(cfg, seq_len))
+    return tokens * (logits_bytes_per_token(cfg, backward=False) + forward_layer_bytes_per_token(cfg, seq_len))
 
 
 def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int, ref_len: int,
                       params: int | None = None) -> int:
-    """A rough upper estimate of one vmapped example's working memory in the exact program:
-    fp32 gradient, update and new params plus Adam temporaries (~5 copies of the params), the
-    example's activations for its backward pass, and one reference chunk's forward
-    (``ref_rows`` 0: none, the first-order program)."""
+    """One vmapped example's working memory. Exact (``ref_rows`` > 0): its gradient and its
+    updated params (2 fp32 copies of the params) and the larger of the example's backward
+    activations and one reference chunk's forward, which XLA lays in the same buffers (the one
+    phase is over before the other starts). First-order (``ref_rows`` 0): the gradient, the
+    update and its AdamW temporaries (3 copies) and the example's backward activations."""
     n_params = cfg.num_params() if params is None else params
-    d, f, v, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
-    # vocabulary-sized fp32 temporaries dominate: logits, log-softmax and its exp (forward);
-    # plus their gradients for the example's backward pass
-    act = probe_len * (L * (8 * d + 3 * f) + 5 * v) * 4
-    ref = ref_rows * ref_len * (8 * d + 3 * f + 4 * v) * 4
-    return 5 * n_params * 4 + act + ref
+    act = activation_bytes(cfg, 1, probe_len, remat=False)
+    if ref_rows == 0:
+        return 3 * n_params * 4 + act
+    return 2 * n_params * 4 + max(act, forward_bytes(cfg, ref_rows, ref_len))
 
 
 def ref_grad_bytes(cfg: model_lib.LlamaConfig, rows: int, ref_len: int, remat: bool,
                    params: int | None = None) -> int:
-    """A rough estimate of the reference gradient's working memory for one chunk of ``rows``
-    rows of ``ref_len`` tokens: the gradient accumulator and one chunk's gradient (2 fp32
-    copies of the params) and the chunk's backward activations (``activation_bytes``).
+    """The reference gradient's working memory for one chunk of ``rows`` rows of ``ref_len``
+    tokens: the gradient accumulator and one chunk's gradient (2 fp32 copies of the params) and
+    the chunk's backward activations (``activation_bytes``).
 
-    Calibrated on SmolLM2-135M on CPU: 1 row of 1024 tokens without remat, XLA's temp
-    allocation 7.8 GB against 8.1 GB estimated.
+    On SmolLM2-135M on CPU, 1 row of 1024 tokens without remat: XLA's temporaries and output
+    3.9 GB (it accumulates each layer's gradient into the carry, no second copy), 4.7 GB
+    estimated.
     """
     n_params = cfg.num_params() if params is None else params
     return 2 * n_params * 4 + activation_bytes(cfg, rows, ref_len, remat)
@@ -119,7 +147,7 @@ def choose_batch(cfg, n_probe, probe_len, ref_rows, ref_len, fraction, params: i
     n_params = cfg.num_params() if params is None else params
     cpu_exact = device_bytes is None and ref_rows > 0 and jax.default_backend() == "cpu"
     total = device_memory_bytes() if device_bytes is None else device_bytes
-    shared = 4 * n_params * 4  # params, mu, nu, and the fp32 baseline copy
+    shared = 3 * n_params * 4  # params, mu, nu
     per = per_example_bytes(cfg, probe_len, ref_rows, ref_len, n_params)
     avail = max(fraction * total - shared, per)
     b = max(1, min(int(avail // per), n_probe, 256))

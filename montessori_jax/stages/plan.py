@@ -160,7 +160,9 @@ def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, ke
         B = -(-B // data)  # rows per device
         Bp = max(1, B // n)
         kv = kv_cache_bytes(cfg, Bp, P) + kv_cache_bytes(cfg, B, M)
-        prefill = Bp * P * (5 * cfg.n_heads * P + 10 * cfg.d_model + 4 * cfg.ffn_dim) * 4
+        # the prompt's forward into the cache: a few activations per token and fp32 scores
+        # against all P slots (the cache path attends to every slot, not by causal blocks)
+        prefill = Bp * P * (8 * (cfg.d_model + cfg.ffn_dim) + 5 * cfg.n_heads * P)
         per_row = B * cfg.vocab_size * (4 * 4 + 1)  # fp32 logits and their processed copies, `seen`
         return kv, prefill + per_row
 
