@@ -690,6 +690,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "profile", None):
+        # XLA:CPU records an event per op in the profiler's trace only with this flag, read when
+        # the backend starts (harmless on GPU and TPU)
+        flag = "--xla_cpu_enable_xprof_traceme=true"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     from montessori_jax.core import distributed
 
     try:

@@ -3,7 +3,9 @@ network; tiny random Llamas built in-test and saved as HF checkpoints."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 CPU devices; XLA:CPU's per-op events in profiler traces (as `influence --profile` sets it), so
+# the in-process profile test sees where the time goes
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_xprof_traceme=true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

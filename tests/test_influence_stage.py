@@ -96,6 +96,13 @@ def test_profile_writes_a_trace_and_prints_the_programs_costs(warm, capsys):
     # the exact program adds a pass over D_ref per example to the first-order one's step
     assert p["programs"]["exact"]["matmul_flops_per_example"] > p["programs"]["first_order"]["matmul_flops_per_example"]
     assert set(p["phases_one_example"]) == {"example_gradient", "adamw_update", "reference_pass"}
+    # one trace per program, and its costliest ops named with what the HLO says they are
+    for name in ("exact", "first_order"):
+        assert any(f.endswith(".trace.json.gz") for _, _, fs in os.walk(trace_dir / name) for f in fs)
+        top = p["programs"][name]["top_ops"]
+        assert top and all(o["seconds"] > 0 and o["shape"] for o in top)
+        assert sorted((o["seconds"] for o in top), reverse=True) == [o["seconds"] for o in top]
+    assert "exact: the ops that took the most time in its trace" in out
 
 
 def test_resume_after_kill_gives_the_same_scores(warm):

@@ -112,3 +112,66 @@ def describe_peak(device_kind: str | None = None) -> str:
     if peak is None:
         return f"{kind}: peak unknown, no MFU"
     return f"{kind}: bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a compiled program's time goes, from a profiler trace
+
+
+def trace_op_seconds(trace_dir: str) -> dict[str, float]:
+    """{op name: seconds} summed over the complete events of the newest ``*.trace.json.gz``
+    under ``trace_dir`` (XLA's ops: fusions, dots, copies; on CPU only with
+    ``--xla_cpu_enable_xprof_traceme=true``, which ``montessori influence --profile`` sets).
+    Only the events of HLO ops count (those naming an ``hlo_op``): not the Python frames, thunk
+    executors, collectives' rendezvous and thread-pool waits around them."""
+    import glob
+    import gzip
+    import json
+    import os
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {}
+    with gzip.open(files[-1]) as f:
+        events = json.load(f).get("traceEvents", [])
+    out: dict[str, float] = {}
+    for e in events:
+        op = (e.get("args") or {}).get("hlo_op")
+        if e.get("ph") == "X" and op:
+            out[op] = out.get(op, 0.0) + e.get("dur", 0) / 1e6
+    return out
+
+
+def top_ops(hlo_text: str, op_seconds: dict[str, float], n: int = 8) -> list[dict]:
+    """The ``n`` ops of a compiled program that took the most time in its trace: name, seconds
+    (summed over every call: a loop body's op runs once per layer and chunk), share of all the
+    ops' time, and what the HLO says it is (result shape, opcode; for a fusion its kind and the
+    opcode of its root, e.g. a dot)."""
+    import re
+
+    instr = {}
+    roots = {}
+    current = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"\s*(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if head and " = " not in line:
+            current = head.group(1)
+            continue
+        m = re.match(r"\s*(ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line)
+        if not m:
+            continue
+        if m.group(1) and current:
+            roots[current] = m.group(4)
+        calls = re.search(r"calls=%([\w.\-]+)", line)
+        kind = re.search(r"kind=(\w+)", line)
+        instr[m.group(2)] = (m.group(3), m.group(4), kind.group(1) if kind else None, calls.group(1) if calls else None)
+    # a loop's (or call's) event spans its body's ops, which have events of their own
+    op_seconds = {k: v for k, v in op_seconds.items()
+                  if instr.get(k, (None, None))[1] not in ("while", "call", "conditional")}
+    total = sum(op_seconds.values()) or 1.0
+    out = []
+    for name, sec in sorted(op_seconds.items(), key=lambda kv: -kv[1])[:n]:
+        shape, opcode, kind, calls = instr.get(name, (None, None, None, None))
+        what = opcode if opcode != "fusion" else f"fusion ({kind}; root {roots.get(calls, '?')})"
+        out.append({"op": name, "seconds": sec, "share": sec / total, "shape": shape, "what": what})
+    return out

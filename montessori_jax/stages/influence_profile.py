@@ -39,8 +39,8 @@ def profile_influence(programs: dict, n_examples: int, phase_args: dict, profile
     for name, (fn, args) in programs.items():
         compiled[name] = fn.lower(*args).compile()
         jax.block_until_ready(compiled[name](*args))  # warm: first-call costs stay out of the trace
-    with jax.profiler.trace(profile_dir):
-        for name, (fn, args) in programs.items():
+    for name, (fn, args) in programs.items():
+        with jax.profiler.trace(os.path.join(profile_dir, name)):  # one trace (a TensorBoard run) per program
             _, seconds = _timed(compiled[name], *args)
             xla = profiling.xla_cost(compiled[name])
             mm = profiling.matmul_flops(fn, *args)
@@ -52,6 +52,11 @@ def profile_influence(programs: dict, n_examples: int, phase_args: dict, profile
                                                    else xla["bytes_accessed"] / n_examples),
                 "matmul_flops_per_example": mm / n_examples, "achieved_flops_per_s": rate,
                 "mfu": profiling.mfu(rate, kind)}
+    # each program's costliest ops, from its trace's op events
+    for name in programs:
+        op_seconds = profiling.trace_op_seconds(os.path.join(profile_dir, name))
+        if op_seconds:
+            out["programs"][name]["top_ops"] = profiling.top_ops(compiled[name].as_text(), op_seconds)
     if phase_args is not None:
         out["phases_one_example"] = _phases(**phase_args)
     mem, what = profiling.peak_memory_bytes()
@@ -101,6 +106,11 @@ def format_profile(p: dict, profile_dir: str) -> list[str]:
             f"example; achieved {_e(r['achieved_flops_per_s'])} FLOP/s; MFU "
             + (f"{r['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s" if r["mfu"] is not None else "unknown (no peak for this device)"),
         ]
+    for name, r in p["programs"].items():
+        if r.get("top_ops"):
+            lines.append(f"  {name}: the ops that took the most time in its trace (summed over calls and threads):")
+            lines += [f"    {o['seconds']:7.3f} s {o['share']:4.0%}  {o['op']:32} {o['shape'] or '?':28} {o['what'] or '?'}"
+                      for o in r["top_ops"]]
     if "phases_one_example" in p:
         lines.append("  phases, one example each as its own program: " + ", ".join(
             f"{k} {v['seconds']:.3f} s ({_e(v['matmul_flops'])} matmul FLOPs)" for k, v in p["phases_one_example"].items()))
