@@ -202,10 +202,12 @@ class Llama(nnx.Module):
         with jax.named_scope("lm_head"):
             if not self.cfg.tie_embeddings:
                 logits = matmul(h_ND, self.lm_head[...].astype(dt))
-            elif dt == jnp.bfloat16 and jax.default_backend() == "cpu":
+            elif dt == jnp.bfloat16 and jax.default_backend() == "cpu" and h_ND.shape[0] >= 256:
+                # XLA:CPU's fast bf16 matmul needs the [D, V] operand row-major; the transpose
+                # (V x D elements) pays for itself over many tokens, not in a decode step's few
                 logits = matmul(h_ND, physical_transpose(self.embed[...].astype(dt)))
             else:
-                logits = jax.lax.dot_general(h_ND, self.embed[...].astype(dt), (((1,), (1,)), ((), ())),
+                logits = jax.lax.dot_general(h_ND.astype(dt), self.embed[...].astype(dt), (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32)
             return logits.reshape(*lead, logits.shape[-1])
 
