@@ -219,6 +219,8 @@ class Llama(nnx.Module):
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
         return_hidden: bool = False,
+        layer_hook=None,
+        layer_extras=None,
     ):
         """Logits [B, T, V] in fp32 (or final hidden states with ``return_hidden``).
 
@@ -228,6 +230,11 @@ class Llama(nnx.Module):
         cache / cache_index: decode mode. The T new tokens are written into the cache at slots
             [cache_index, cache_index + T) for every row, then attend to every valid slot at or
             before their own. Returns (logits, new_cache).
+        layer_hook / layer_extras: ``layer_hook(p, extras)`` maps each layer's params (a dict of
+            ``LAYER_PARAMS``) before the layer uses them, ``extras`` that layer's slice of
+            ``layer_extras`` (a pytree stacked on a leading ``layers`` axis). The identity in the
+            forward pass, a hook can act on the layer's gradient in the backward one (the fused
+            first-order influence, ``kernels.influence``).
         """
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
@@ -291,13 +298,16 @@ class Llama(nnx.Module):
 
         def scan_body(carry, xs):
             x_BTD, kv = carry
-            p, layer, pkv = xs
+            p, layer, pkv, extras = xs
+            if layer_hook is not None:
+                p = layer_hook(p, extras)
             x_BTD, kv = block(x_BTD, p, kv, layer, pkv)
             return (x_BTD, kv), None
 
         kv = None if cache is None else (cache["k"], cache["v"])
         pkv = None if prefix is None else (prefix["k"], prefix["v"])
-        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_params, jnp.arange(cfg.n_layers), pkv))
+        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv),
+                                      (layer_params, jnp.arange(cfg.n_layers), pkv, layer_extras))
 
         h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_eps, adt)
         out = h_BTD if return_hidden else self.head(h_BTD)

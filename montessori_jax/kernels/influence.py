@@ -64,18 +64,19 @@ def adamw_update(params: dict, grads: dict, mu: dict, nu: dict, count, hp: AdamH
         norm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads.values()))
         scale = jnp.where(norm < hp.grad_clip, 1.0, hp.grad_clip / norm)
         grads = {k: g * scale for k, g in grads.items()}
+    return {k: _adamw_delta(k, params[k], g, mu[k], nu[k], count, hp, lr) for k, g in grads.items()}
+
+
+def _adamw_delta(name: str, param, g, mu, nu, count, hp: AdamHP, lr):
+    """One tensor's AdamW step (``g`` in fp32, clipped already): the one formula of
+    ``adamw_update`` and the fused first-order hook."""
     t = (count + 1).astype(jnp.float32)
-    bc1 = 1 - hp.b1**t
-    bc2 = 1 - hp.b2**t
-    delta = {}
-    for k, g in grads.items():
-        m = hp.b1 * mu[k] + (1 - hp.b1) * g
-        v = hp.b2 * nu[k] + (1 - hp.b2) * g * g
-        step = (m / bc1) / (jnp.sqrt(v / bc2) + hp.eps)
-        if hp.weight_decay and (hp.decay_norms or optim.decays(k)):
-            step = step + hp.weight_decay * params[k].astype(jnp.float32)
-        delta[k] = -lr * step
-    return delta
+    m = hp.b1 * mu + (1 - hp.b1) * g
+    v = hp.b2 * nu + (1 - hp.b2) * g * g
+    step = (m / (1 - hp.b1**t)) / (jnp.sqrt(v / (1 - hp.b2**t)) + hp.eps)
+    if hp.weight_decay and (hp.decay_norms or optim.decays(name)):
+        step = step + hp.weight_decay * param.astype(jnp.float32)
+    return -lr * step
 
 
 def apply_delta(params: dict, delta: dict, param_dtype) -> dict:
@@ -244,8 +245,22 @@ def _sum_and_grad(graphdef, params, groups, remat: bool = True):
     return (s, c), grad
 
 
-def make_first_order(graphdef, hp: AdamHP):
-    """jit(params, mu, nu, count, probes [B, T], g_ref, lr) -> predicted influence [B]."""
+def make_first_order(graphdef, hp: AdamHP, fused: bool | None = None):
+    """jit(params, mu, nu, count, probes [B, T], g_ref, lr) -> predicted influence [B].
+
+    ``fused`` (default: whenever the step does not clip): each decoder layer's gradient is
+    turned into its AdamW update and dotted with grad L_ref inside the backward pass, as soon
+    as the layer's gradient exists (``_first_order_hook``), so no example's whole gradient or
+    update is ever held: per example only the layers outside the stack (embedding, final norm,
+    head) have their gradient materialised. Clipping needs the whole gradient's norm first,
+    so it takes the plain path: the example's gradient, its update, the dot.
+    """
+    if fused is None:
+        fused = hp.grad_clip is None
+    if fused and hp.grad_clip is not None:
+        raise ValueError("the fused first-order program cannot clip (the clip needs the whole gradient's norm)")
+    if fused:
+        return jax.jit(jax.vmap(_fused_first_order(graphdef, hp), in_axes=(None, None, None, None, 0, None, None)))
 
     def one(params, mu, nu, count, ex, g_ref, lr):
         with jax.named_scope(PHASES[0]):
@@ -256,6 +271,60 @@ def make_first_order(graphdef, hp: AdamHP):
             return -sum(jnp.vdot(g_ref[k], delta[k]) for k in params)
 
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0, None, None)))
+
+
+def _first_order_hook(hp: AdamHP):
+    """hook(p, (mu, nu, g_ref, probe), count, lr) -> p, the identity on one layer's params whose
+    backward pass, given the layer's gradient g, returns -<g_ref, AdamW delta(g)> for that layer
+    as the cotangent of the scalar ``probe`` (and nothing for the rest: they are not
+    differentiated). Differentiating the loss with respect to the layers' probes thus yields
+    each layer's first-order term, the layer's gradient consumed where it is made."""
+
+    @jax.custom_vjp
+    def hook(p, side, count, lr):
+        return p
+
+    def fwd(p, side, count, lr):
+        return p, (p, side, count, lr)
+
+    def bwd(res, g):
+        p, (mu, nu, g_ref, _), count, lr = res
+        with jax.named_scope(PHASES[1]):
+            term = -sum(jnp.vdot(g_ref[k], _adamw_delta(k, p[k], g[k].astype(jnp.float32), mu[k], nu[k], count, hp, lr))
+                        for k in p)
+        zeros = jax.tree.map(jnp.zeros_like, (p, (mu, nu, g_ref)))
+        return zeros[0], (*zeros[1], term), jnp.zeros_like(count), jnp.zeros_like(lr)
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+
+def _fused_first_order(graphdef, hp: AdamHP):
+    hook = _first_order_hook(hp)
+    layer_names = model_lib.Llama.LAYER_PARAMS
+
+    def one(params, mu, nu, count, ex, g_ref, lr):
+        lr = jnp.asarray(lr, jnp.float32)
+        outer = {k: v for k, v in params.items() if k not in layer_names}
+        n_layers = params[layer_names[0]].shape[0]
+        side = tuple({k: t[k] for k in layer_names} for t in (mu, nu, g_ref))
+
+        def loss(outer_params, probes):
+            extras = (*side, probes)
+            logits = model_lib.apply(graphdef, {**params, **outer_params}, ex["tokens"][None], ex["positions"][None],
+                                     ex["segment_ids"][None], layer_hook=lambda p, e: hook(p, e, count, lr),
+                                     layer_extras=extras)
+            s, c = batch_token_nll(logits, ex["tokens"][None], ex["loss_mask"][None])
+            return s / jnp.maximum(c, 1.0)
+
+        with jax.named_scope(PHASES[0]):
+            g_outer, layer_terms = jax.grad(loss, argnums=(0, 1))(outer, jnp.zeros((n_layers,), jnp.float32))
+        with jax.named_scope(PHASES[1]):
+            delta = adamw_update(outer, g_outer, mu, nu, count, hp, lr)
+        with jax.named_scope("first_order_dot"):
+            return layer_terms.sum() - sum(jnp.vdot(g_ref[k], delta[k]) for k in outer)
+
+    return one
 
 
 def make_phase_programs(graphdef, hp: AdamHP, param_dtype=jnp.float32) -> dict:

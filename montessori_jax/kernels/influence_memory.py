@@ -91,17 +91,31 @@ def forward_bytes(cfg: model_lib.LlamaConfig, rows: int, seq_len: int) -> int:
     return tokens * (logits_bytes_per_token(cfg, backward=False) + forward_layer_bytes_per_token(cfg, seq_len))
 
 
+def outer_params(cfg: model_lib.LlamaConfig) -> int:
+    """Parameters outside the stacked decoder layers: embedding, final norm, untied head."""
+    n = cfg.vocab_size * cfg.d_model + cfg.d_model
+    return n + (0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size)
+
+
 def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int, ref_len: int,
-                      params: int | None = None) -> int:
+                      params: int | None = None, fused_first_order: bool = True) -> int:
     """One vmapped example's working memory. Exact (``ref_rows`` > 0): its gradient and its
     updated params (2 fp32 copies of the params) and the larger of the example's backward
     activations and one reference chunk's forward, which XLA lays in the same buffers (the one
-    phase is over before the other starts). First-order (``ref_rows`` 0): the gradient, the
-    update and its AdamW temporaries (3 copies) and the example's backward activations."""
+    phase is over before the other starts). First-order (``ref_rows`` 0), fused (the default:
+    no gradient clipping): the example's backward activations, the gradient of the parameters
+    outside the layer stack and one layer's gradient and update (each layer's gradient is
+    consumed in the backward pass: SmolLM2, 128 tokens: 445 MiB per example by XLA's account,
+    446 estimated); unfused (clipping): the whole gradient, the update and its AdamW
+    temporaries (3 copies) and the activations."""
     n_params = cfg.num_params() if params is None else params
     act = activation_bytes(cfg, 1, probe_len, remat=False)
     if ref_rows == 0:
-        return 3 * n_params * 4 + act
+        if not fused_first_order:
+            return 3 * n_params * 4 + act
+        share = n_params / cfg.num_params()  # the caller's sharding divides every term alike
+        layer = (cfg.num_params() - outer_params(cfg)) / cfg.n_layers
+        return int((outer_params(cfg) + 2 * layer) * share * 4) + act
     return 2 * n_params * 4 + max(act, forward_bytes(cfg, ref_rows, ref_len))
 
 
@@ -137,18 +151,19 @@ def plan_ref_grad(cfg: model_lib.LlamaConfig, ref_len: int, rows_per_chunk: int,
 
 
 def choose_batch(cfg, n_probe, probe_len, ref_rows, ref_len, fraction, params: int | None = None,
-                 device_bytes: int | None = None) -> tuple[int, dict]:
+                 device_bytes: int | None = None, fused_first_order: bool = True) -> tuple[int, dict]:
     """B, the probing examples one program runs at once: as many as fit in ``fraction`` of the
     device by ``per_example_bytes``, a power of two. On a CPU backend (``device_bytes`` not
     given: the devices at hand) the exact estimator (``ref_rows`` > 0) takes one: there every
     example's reference pass runs with its own weights, the vmapped matmuls become batched
     matmuls, and XLA:CPU runs those slower than B separate plain ones (SmolLM2, 16 reference
-    rows: 24.8 s per example at B=2 against 20.1 s at B=1)."""
+    rows: 24.8 s per example at B=2 against 20.1 s at B=1). ``fused_first_order``: see
+    ``per_example_bytes`` (false where the influence step clips its gradient)."""
     n_params = cfg.num_params() if params is None else params
     cpu_exact = device_bytes is None and ref_rows > 0 and jax.default_backend() == "cpu"
     total = device_memory_bytes() if device_bytes is None else device_bytes
     shared = 3 * n_params * 4  # params, mu, nu
-    per = per_example_bytes(cfg, probe_len, ref_rows, ref_len, n_params)
+    per = per_example_bytes(cfg, probe_len, ref_rows, ref_len, n_params, fused_first_order)
     avail = max(fraction * total - shared, per)
     b = max(1, min(int(avail // per), n_probe, 256))
     b = 1 if cpu_exact else 1 << (b.bit_length() - 1)  # a power of two: few distinct programs across runs

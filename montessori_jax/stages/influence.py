@@ -236,7 +236,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         want_exact = icfg.estimator in ("exact", "both")
         B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
             student.cfg, len(probe), probe_len, icfg.ref_batch_size if want_exact else 0, ref_len,
-            icfg.memory_fraction)
+            icfg.memory_fraction, fused_first_order=hp.grad_clip is None)
         B = sharding.round_rows(B, mesh)  # the probes of a program split over data (dead rows pad)
         if mem and progress:
             print(f"influence: {B} probing examples per program (estimated "

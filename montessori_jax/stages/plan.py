@@ -190,8 +190,9 @@ def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> Stage
     n_probe = splits.get("probe") if isinstance(splits.get("probe"), int) else 256
     exact = icfg.estimator in ("exact", "both")
     fo = icfg.estimator in ("first_order", "both")
+    fused = icfg.grad_clip is None  # the first-order program consumes each layer's gradient in place
     B, choice = mem.choose_batch(scfg, n_probe, probe_len, icfg.ref_batch_size if exact else 0, ref_len,
-                                 icfg.memory_fraction, params_dev, device_bytes)
+                                 icfg.memory_fraction, params_dev, device_bytes, fused)
     if icfg.batch_size:
         B = icfg.batch_size
     p4 = params_dev * 4
@@ -205,7 +206,7 @@ def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> Stage
     if fo:
         plan = mem.plan_ref_grad(scfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction, params_dev, device_bytes)
         ref_phase = 3 * p4 + plan["estimated_bytes"]
-        score_phase = 4 * p4 + B * mem.per_example_bytes(scfg, probe_len, 0, ref_len, params_dev)
+        score_phase = 4 * p4 + B * mem.per_example_bytes(scfg, probe_len, 0, ref_len, params_dev, fused)
         p.other.update(ref_grad=ref_phase, first_order=score_phase, ref_grad_remat=int(plan["remat"]),
                        ref_grad_rows=plan["rows_per_chunk"])
         total = max(total, ref_phase, score_phase)
