@@ -103,11 +103,11 @@ def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int,
     updated params (2 fp32 copies of the params) and the larger of the example's backward
     activations and one reference chunk's forward, which XLA lays in the same buffers (the one
     phase is over before the other starts). First-order (``ref_rows`` 0), fused (the default:
-    no gradient clipping): the example's backward activations, the gradient of the parameters
-    outside the layer stack and one layer's gradient and update (each layer's gradient is
-    consumed in the backward pass: SmolLM2, 128 tokens: 445 MiB per example by XLA's account,
-    446 estimated); unfused (clipping): the whole gradient, the update and its AdamW
-    temporaries (3 copies) and the activations."""
+    no gradient clipping): the example's backward activations, the gradient and the update of
+    the parameters outside the layer stack and one layer's gradient and update (each layer's
+    gradient is consumed in the backward pass: SmolLM2, 128 tokens: 391-445 MiB per example by
+    XLA's account from B=1 to 4, 470 estimated); unfused (clipping): the whole gradient, the
+    update and its AdamW temporaries (3 copies) and the activations."""
     n_params = cfg.num_params() if params is None else params
     act = activation_bytes(cfg, 1, probe_len, remat=False)
     if ref_rows == 0:
@@ -115,7 +115,7 @@ def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int,
             return 3 * n_params * 4 + act
         share = n_params / cfg.num_params()  # the caller's sharding divides every term alike
         layer = (cfg.num_params() - outer_params(cfg)) / cfg.n_layers
-        return int((outer_params(cfg) + 2 * layer) * share * 4) + act
+        return int(2 * (outer_params(cfg) + layer) * share * 4) + act
     return 2 * n_params * 4 + max(act, forward_bytes(cfg, ref_rows, ref_len))
 
 
