@@ -215,9 +215,10 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     exact_matmul_flops = sum(exact_flops[b["tokens"].shape] for _, b in batches)
 
     # (c) first order: its own B, as the stage chooses it for first-order alone (no reference
-    # pass per example), at most 4 on a CPU (there B=4 ran 1.04 s per example against 1.12 at 8
-    # and 1.9 at 2, SmolLM2 probes of 128 tokens)
-    B_fo = fo_batch_size or influence_memory.choose_batch(cfg, len(probes), probe_len, 0, ref_len, 0.5)[0]
+    # pass per example), at most 4 on a CPU (there the fused program ran 0.90 s per example at
+    # B=4 against 0.92 at 8 and 0.95 at 2, SmolLM2 probes of 128 tokens)
+    B_fo = fo_batch_size or influence_memory.choose_batch(cfg, len(probes), probe_len, 0, ref_len, 0.5,
+                                                          fused_first_order=hp.grad_clip is None)[0]
     if not fo_batch_size and jax.default_backend() == "cpu":
         B_fo = min(B_fo, 4)
     fo_batches = list(batching.batches(probes, B_fo, pad_id=pad))

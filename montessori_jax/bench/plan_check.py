@@ -153,14 +153,13 @@ def run_case(name: str) -> dict:
         if icfg.estimator == "exact":
             _, base_nll = influence_lib.make_baseline(graphdef)(params, ref.groups)
             fn = influence_lib.make_exact(graphdef, hp)
-            args = (params, mu, nu, count, batch, ref.groups, base_nll, hp.lr)
-            xla = _xla_bytes(fn.lower(*args).compile())
-            jax.block_until_ready(fn(*args))
-            n_args = _nbytes(args)
+            call = (params, mu, nu, count, batch, ref.groups, base_nll, hp.lr)
+            xla = _xla_bytes(fn.lower(*call).compile())
+            jax.block_until_ready(fn(*call))
+            args = _nbytes(call)
             _reset_peak()
             base = _rss()
-            jax.block_until_ready(fn(*args))
-            args = n_args
+            jax.block_until_ready(fn(*call))
         else:
             plan = row["other"]
             grad_ref = influence_lib.make_ref_set(

@@ -71,11 +71,15 @@ class LlamaConfig:
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)
 
-    def num_params(self) -> int:
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention, MLP, its two norms)."""
         d, f, e = self.d_model, self.ffn_dim, self.hd
-        per_layer = d * e * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * f + 2 * d
+        return d * e * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * f + 2 * d
+
+    def num_params(self) -> int:
+        d = self.d_model
         head = 0 if self.tie_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.n_layers * per_layer + d + head
+        return self.vocab_size * d + self.n_layers * self.layer_params() + d + head
 
 
 

@@ -91,12 +91,6 @@ def forward_bytes(cfg: model_lib.LlamaConfig, rows: int, seq_len: int) -> int:
     return tokens * (logits_bytes_per_token(cfg, backward=False) + forward_layer_bytes_per_token(cfg, seq_len))
 
 
-def outer_params(cfg: model_lib.LlamaConfig) -> int:
-    """Parameters outside the stacked decoder layers: embedding, final norm, untied head."""
-    n = cfg.vocab_size * cfg.d_model + cfg.d_model
-    return n + (0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size)
-
-
 def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int, ref_len: int,
                       params: int | None = None, fused_first_order: bool = True) -> int:
     """One vmapped example's working memory. Exact (``ref_rows`` > 0): its gradient and its
@@ -114,8 +108,9 @@ def per_example_bytes(cfg: model_lib.LlamaConfig, probe_len: int, ref_rows: int,
         if not fused_first_order:
             return 3 * n_params * 4 + act
         share = n_params / cfg.num_params()  # the caller's sharding divides every term alike
-        layer = (cfg.num_params() - outer_params(cfg)) / cfg.n_layers
-        return int(2 * (outer_params(cfg) + layer) * share * 4) + act
+        layer = cfg.layer_params()
+        outer = cfg.num_params() - cfg.n_layers * layer  # embedding, final norm, untied head
+        return int(2 * (outer + layer) * share * 4) + act
     return 2 * n_params * 4 + max(act, forward_bytes(cfg, ref_rows, ref_len))
 
 
