@@ -136,7 +136,13 @@ class InfluenceConfig:
     system: str | None = None
     estimator: Literal["exact", "first_order", "both"] = "exact"
     batch_size: int | None = None  # probing examples per vmapped program; null: from a memory estimate
-    ref_batch_size: int = 4  # D_ref rows per streamed chunk
+    # D_ref rows per streamed chunk; null: 1 on a CPU (XLA:CPU runs one row of a few hundred
+    # tokens faster per token than four), 4 on an accelerator
+    ref_batch_size: int | None = None
+    # distinct padded lengths of the probes (each one more compiled program) and of D_ref's
+    # chunks (each one more scan body), planned from their lengths for the least padding
+    max_lengths: int = 4
+    ref_max_lengths: int = 8
     lr: float | None = None  # null: the lr the warm-up continues at (warm_state.json's lr)
     # clip z's gradient norm before its one step; null: no clipping, as the original's one
     # step (its warm-up clips: that is warmup.optim.grad_clip, a separate key)
@@ -145,6 +151,11 @@ class InfluenceConfig:
     max_len: int = 1024  # probing examples are truncated to this
     ref_max_len: int = 1024  # reference rows are truncated to this
     memory_fraction: float = 0.5  # of device memory the automatic batch size may plan for
+
+    def __post_init__(self):
+        for key in ("max_lengths", "ref_max_lengths", "ref_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

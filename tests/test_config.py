@@ -326,6 +326,13 @@ def test_dpo_eval_fraction_must_be_below_one():
         load_config(Config, None, ["dpo.eval_fraction=1.0"])
 
 
+@pytest.mark.parametrize("key", ["max_lengths", "ref_max_lengths", "ref_batch_size"])
+def test_influence_lengths_and_chunk_rows_must_be_positive(key):
+    assert getattr(load_config(Config, None, [f"influence.{key}=2"]).influence, key) == 2
+    with pytest.raises(ConfigError, match=rf"influence: {key}=0 must be >= 1"):
+        load_config(Config, None, [f"influence.{key}=0"])
+
+
 def test_diff_refuses_different_classes():
     with pytest.raises(TypeError):
         diff(Config(), MeshConfig())

@@ -114,6 +114,14 @@ def test_scores_do_not_depend_on_ref_chunk_size(warm_tiny):
     ref5 = influence_lib.make_ref_set(_examples(7, 200, 96, 10, 60), rows_per_chunk=5, pad_id=0)
     b = _exact_scores(warm_tiny, 1e-4, B=2, ref=ref5)
     assert np.abs(a - b).max() <= 1e-6
+    # nor on the padded lengths: one row a chunk in one length (one group) or in up to 7
+    rows = _examples(7, 200, 96, 10, 60)
+    for k in (1, 7):
+        ref_k = influence_lib.make_ref_set(rows, rows_per_chunk=1, pad_id=0, max_lengths=k)
+        assert 1 <= len(ref_k.groups) <= k and sum(g["tokens"].shape[0] for g in ref_k.groups) == 7
+        if k == 1:  # the longest row, rounded up to a multiple of 16
+            assert ref_k.groups[0]["tokens"].shape[-1] == 16 * -(-max(len(e) for e in rows) // 16)
+        assert np.abs(a - _exact_scores(warm_tiny, 1e-4, B=2, ref=ref_k)).max() <= 1e-6
 
 
 def _to_torch(cfg, tree):

@@ -113,6 +113,37 @@ def test_bucket_length():
     assert batching.bucket_length(10, (16, 8)) == 16
 
 
+def _padded_slots(lengths, group, plan):
+    order = sorted(lengths)
+    return sum(group * batching.bucket_length(max(order[i:i + group]), plan) for i in range(0, len(order), group))
+
+
+def test_plan_lengths_pads_least_within_its_count():
+    """Against brute force over every choice of at most K lengths from the groups' (rounded)
+    maxima, which must include the longest; a hand case; and the bounds of the result."""
+    import itertools
+
+    # hand case, one row a group: 10 and 12 -> 16, 30 -> 32, 40 -> 48; two lengths: {16, 48}
+    # pads 16 + 16 + 48 + 48 = 128, {32, 48} 32 * 3 + 48 = 144, so {16, 48}
+    assert batching.plan_lengths([40, 10, 30, 12], 1, 2) == (16, 48)
+    assert batching.plan_lengths([40, 10, 30, 12], 1, 9) == (16, 32, 48)
+    assert batching.plan_lengths([40, 10, 30, 12], 1, 1) == (48,)
+    assert batching.plan_lengths([], 4, 3) == ()
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        lengths = rng.integers(1, 700, rng.integers(1, 30)).tolist()
+        group, k, mult = int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.choice([1, 16, 128]))
+        plan = batching.plan_lengths(lengths, group, k, mult)
+        order = sorted(lengths)
+        tops = sorted({mult * -(-max(order[i:i + group]) // mult) for i in range(0, len(order), group)})
+        assert 1 <= len(plan) <= k and set(plan) <= set(tops) and plan[-1] == tops[-1]
+        best = min(_padded_slots(lengths, group, c + (tops[-1],))
+                   for r in range(k) for c in itertools.combinations(tops[:-1], r))
+        assert _padded_slots(lengths, group, plan) == best, (lengths, group, k, mult)
+    with pytest.raises(ValueError, match="max_lengths"):
+        batching.plan_lengths([3], 1, 0)
+
+
 def test_pad_batch_right():
     out = batching.pad_batch(
         [np.array([5, 6, 7]), np.array([8])],

@@ -7,7 +7,8 @@
     bfloat16, as the original does) and fp32. Mode "jax" keeps the earlier JAX replica of the
     same loop (orbax checkpoint, our model and train step).
 (b) exact: examples batched with vmap in one compiled program, D_ref streamed at its real
-    lengths (rows padded to multiples of 128).
+    lengths (probes and D_ref's chunks padded to at most 4 planned lengths each, as the stage
+    pads them).
 (c) first-order: grad L_ref once, then -<g_ref, delta_z> per example.
 
 All run on the same model weights, data and warm state (ours, converted exactly for torch).
@@ -40,6 +41,7 @@ from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import stats
 
 ORIGINAL_LEN = original_torch.ORIGINAL_LEN
+MAX_LENGTHS = influence_lib.MAX_LENGTHS
 ORIGINAL_MODES = ("bf16", "fp32", "jax")
 # (name, numerator mode, our estimator, target ratio): the issue's side-by-side targets
 TARGETS = (("exact vs original bf16", "bf16", "exact", 1.5),
@@ -134,8 +136,9 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     ``standin_example``; dtype: the matmuls' compute dtype (params and the update stay fp32).
     original_modes: which (a) to run on the first ``n_original`` probes, of ``ORIGINAL_MODES``
     ("bf16" and "fp32": the original procedure in PyTorch; "jax": the JAX replica);
-    n_original=0 skips (a). ``ref_rows_per_chunk``: (a)'s rows per reference batch and (b)'s
-    rows per chunk."""
+    n_original=0 skips (a). ``ref_rows_per_chunk``: (a)'s rows per reference batch (the
+    original's 4); (b) and (c) chunk D_ref as the stage does by default
+    (``influence_lib.ref_rows_per_chunk(None)``: 1 on a CPU, 4 elsewhere)."""
     say = print if progress else (lambda *a, **k: None)
     bad = [m for m in original_modes if m not in ORIGINAL_MODES]
     if bad or len(set(original_modes)) != len(original_modes):
@@ -169,7 +172,8 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     probes = [encode(p, r, ORIGINAL_LEN) for p, r in _seed_task_pairs(probe_path, n_probe)]
     warm_ex = [encode(p, r, 256) for p, r in _seed_task_pairs(probe_path, 4, skip=n_probe)]
     ref_ex = [encode(p, r, ORIGINAL_LEN) for p, r in _ref_pairs(ref_path, n_ref)]
-    ref = influence_lib.make_ref_set(ref_ex, ref_rows_per_chunk, pad)
+    our_ref_rows = influence_lib.ref_rows_per_chunk(None)
+    ref = influence_lib.make_ref_set(ref_ex, our_ref_rows, pad)
 
     # the warm state: one warm-up step at the influence lr, saved to disk for (a); no gradient
     # clipping, as the original's one step (influence.grad_clip's default)
@@ -185,12 +189,14 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     mu, nu, count = optim.adam_moments(state["opt_state"])
 
     # (b) exact, vmapped
-    probe_len = batching.bucket_length(max(len(e) for e in probes))
+    probe_len = batching.plan_lengths([len(e) for e in probes], 1, 1)[0]
     ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
     B, mem = (batch_size, None) if batch_size else influence_memory.choose_batch(
-        cfg, len(probes), probe_len, ref_rows_per_chunk, ref_len, 0.5)
+        cfg, len(probes), probe_len, our_ref_rows, ref_len, 0.5)
     say(f"(b) exact: {len(probes)} probes, B={B}, D_ref {ref.n_rows} rows / {ref.n_tokens} target tokens")
-    batches = list(batching.batches(probes, B, pad_id=pad))
+    # the stage's padding: at most MAX_LENGTHS lengths, planned from the probes' own
+    batches = list(batching.batches(probes, B, batching.plan_lengths([len(e) for e in probes], B, MAX_LENGTHS),
+                                    pad_id=pad))
     t0 = time.perf_counter()
     base_fn = influence_lib.make_baseline(graphdef).lower(params, ref.groups).compile()
     compile_base = time.perf_counter() - t0
@@ -221,9 +227,10 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
                                                           fused_first_order=hp.grad_clip is None)[0]
     if not fo_batch_size and jax.default_backend() == "cpu":
         B_fo = min(B_fo, 4)
-    fo_batches = list(batching.batches(probes, B_fo, pad_id=pad))
+    fo_batches = list(batching.batches(probes, B_fo, batching.plan_lengths([len(e) for e in probes], B_fo, MAX_LENGTHS),
+                                       pad_id=pad))
     say(f"(c) first-order: B={B_fo}")
-    plan = influence_memory.plan_ref_grad(cfg, ref_len, ref_rows_per_chunk, 0.5)
+    plan = influence_memory.plan_ref_grad(cfg, ref_len, our_ref_rows, 0.5)
     grad_ref = influence_lib.make_ref_set(ref_ex, plan["rows_per_chunk"], pad)
     say(f"  grad L_ref: {plan['rows_per_chunk']} row(s) per chunk, remat {plan['remat']}")
     grad_fn = influence_lib.make_ref_grad(graphdef, plan["remat"])
@@ -308,6 +315,10 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
         "batch_size": B,
         "first_order_batch_size": B_fo,
         "ref_rows_per_chunk": ref_rows_per_chunk,
+        "our_ref_rows_per_chunk": our_ref_rows,
+        "ref_padded_slots": int(sum(g["tokens"].size for g in ref.groups)),
+        "probe_padded_slots": {"exact": int(sum(b["tokens"].size for _, b in batches)),
+                               "first_order": int(sum(b["tokens"].size for _, b in fo_batches))},
         "memory_estimate": mem,
         "s_per_example": {"exact": per_b, "first_order": per_c, "first_order_at_64_probes": per_c64,
                           **{f"original_{k}": v["s_per_example"] for k, v in original.items()}},
@@ -336,8 +347,12 @@ def format_table(r: dict) -> str:
         f"bench influence: {r['model']} ({r['params_m']}M), D_ref {r['n_ref_rows']} rows "
         f"({r['ref_real_tokens']} tokens), {r['n_probe']} probes (original: {r['n_original']}), lr {r['lr']:g}, "
         f"B={r['batch_size']} (first-order {r.get('first_order_batch_size', r['batch_size'])})",
-        f"{'':22} {'s/example':>10}",
     ]
+    if "ref_padded_slots" in r:
+        ps = r["probe_padded_slots"]
+        lines.append(f"ours: D_ref padded to {r['ref_padded_slots']} slots ({r['our_ref_rows_per_chunk']} row(s) a chunk), "
+                     f"probes to {ps['exact']} (exact) and {ps['first_order']} (first-order) slots")
+    lines.append(f"{'':22} {'s/example':>10}")
     for mode, o in r["original"].items():
         what = "jax replica" if mode == "jax" else f"torch {mode}"
         bd = o["breakdown_s"]

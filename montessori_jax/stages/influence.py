@@ -226,16 +226,17 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         pad_id = text.pad_id(tok)
         probe = _examples(tok, probe_pairs, icfg, icfg.max_len)
         ref_examples = _examples(tok, ref_pairs, icfg, icfg.ref_max_len)
-        ref = _replicated(influence_lib.make_ref_set(ref_examples, icfg.ref_batch_size, pad_id), mesh)
+        ref_rows = influence_lib.ref_rows_per_chunk(icfg.ref_batch_size)
+        ref = _replicated(influence_lib.make_ref_set(ref_examples, ref_rows, pad_id, icfg.ref_max_lengths), mesh)
         ids = [p.id if p.id is not None else i for i, p in enumerate(probe_pairs)]
         todo = [i for i, pid in enumerate(ids) if json.dumps(pid) not in done]
 
         p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
         ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
-        probe_len = batching.bucket_length(max(len(e) for e in probe))
+        probe_len = batching.plan_lengths([len(e) for e in probe], 1, 1)[0]  # the longest padded length
         want_exact = icfg.estimator in ("exact", "both")
         B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
-            student.cfg, len(probe), probe_len, icfg.ref_batch_size if want_exact else 0, ref_len,
+            student.cfg, len(probe), probe_len, ref_rows if want_exact else 0, ref_len,
             icfg.memory_fraction, fused_first_order=hp.grad_clip is None)
         B = sharding.round_rows(B, mesh)  # the probes of a program split over data (dead rows pad)
         if mem and progress:
@@ -248,7 +249,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         # other probes on the same warm student (the teacher shift) reuses them in-process
         # (the files' mtimes: a warm-up or reference set written anew under the same path is another key)
         ref_key = (_stamp(icfg.warm_state), warm["step"], _stamp(ref_path), icfg.ref_max_len,
-                   icfg.ref_batch_size, icfg.system, icfg.param_dtype, icfg.memory_fraction)
+                   ref_rows, icfg.ref_max_lengths, icfg.system, icfg.param_dtype, icfg.memory_fraction)
         cached = _REF_CACHE.pop(ref_key, {})
         _REF_CACHE.clear()
         if keep_reference:
@@ -270,7 +271,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             _, base_nll32 = influence_lib.make_baseline(student.graphdef)(params, ref.groups)
         g_ref = None
         if want_fo:
-            plan = influence_memory.plan_ref_grad(student.cfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction)
+            plan = influence_memory.plan_ref_grad(student.cfg, ref_len, ref_rows, icfg.memory_fraction)
             if progress:
                 print(f"influence: grad L_ref over {plan['rows_per_chunk']} reference row(s) per chunk, "
                       f"{'with' if plan['remat'] else 'without'} remat (estimated "
@@ -278,7 +279,8 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
             if "g_ref" in cached:
                 g_ref = _take(cached, "g_ref")
             else:
-                grad_ref = _rows_on_data(influence_lib.make_ref_set(ref_examples, plan["rows_per_chunk"], pad_id), mesh)
+                grad_ref = _rows_on_data(influence_lib.make_ref_set(ref_examples, plan["rows_per_chunk"], pad_id,
+                                                                    icfg.ref_max_lengths), mesh)
                 loss_ref, g_ref = influence_lib.make_ref_grad(student.graphdef, plan["remat"])(params, grad_ref.groups)
                 if baseline is None:
                     baseline = loss_ref
@@ -294,7 +296,9 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
         t_start, n_done = time.perf_counter(), 0
         bar = tqdm(total=len(probe), initial=len(probe) - len(todo), desc="influence", unit="ex", disable=not progress)
         sub = [probe[i] for i in todo]
-        host_batches = list(batching.batches(sub, B, pad_id=pad_id))
+        # at most max_lengths padded lengths, planned from the probes' own for the least padding
+        lengths = batching.plan_lengths([len(e) for e in sub], B, icfg.max_lengths)
+        host_batches = list(batching.batches(sub, B, lengths, pad_id=pad_id))
         if profile_dir and host_batches:
             first = sharding.put_rows(host_batches[0][1], mesh)
             _profile(profile_dir, student, hp, p_dtype, exact_fn, fo_fn, ref, base_nll, g_ref, first, B, progress)

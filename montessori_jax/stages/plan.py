@@ -24,7 +24,7 @@ from montessori_jax.core import batching, sharding
 from montessori_jax.core import model as model_lib
 from montessori_jax.errors import UserError
 from montessori_jax.kernels import influence_memory as mem
-from montessori_jax.kernels.influence import REF_BUCKET
+from montessori_jax.kernels.influence import REF_BUCKET, ref_rows_per_chunk
 
 HEADROOM = 0.9  # a stage fits when its total is at most this fraction of the device
 DEFAULT_PROMPT_LEN = 1024  # the sampler's prompt bucket when planning (8-shot prompts run to ~700 tokens)
@@ -191,7 +191,8 @@ def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> Stage
     exact = icfg.estimator in ("exact", "both")
     fo = icfg.estimator in ("first_order", "both")
     fused = icfg.grad_clip is None  # the first-order program consumes each layer's gradient in place
-    B, choice = mem.choose_batch(scfg, n_probe, probe_len, icfg.ref_batch_size if exact else 0, ref_len,
+    ref_rows = ref_rows_per_chunk(icfg.ref_batch_size)
+    B, choice = mem.choose_batch(scfg, n_probe, probe_len, ref_rows if exact else 0, ref_len,
                                  icfg.memory_fraction, params_dev, device_bytes, fused)
     if icfg.batch_size:
         B = icfg.batch_size
@@ -204,7 +205,7 @@ def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> Stage
         total = choice["shared_bytes"] + B * choice["per_example_bytes"]
         p.other["exact"] = total
     if fo:
-        plan = mem.plan_ref_grad(scfg, ref_len, icfg.ref_batch_size, icfg.memory_fraction, params_dev, device_bytes)
+        plan = mem.plan_ref_grad(scfg, ref_len, ref_rows, icfg.memory_fraction, params_dev, device_bytes)
         ref_phase = 3 * p4 + plan["estimated_bytes"]
         score_phase = 4 * p4 + B * mem.per_example_bytes(scfg, probe_len, 0, ref_len, params_dev, fused)
         p.other.update(ref_grad=ref_phase, first_order=score_phase, ref_grad_remat=int(plan["remat"]),
