@@ -7,8 +7,8 @@
     bfloat16, as the original does) and fp32. Mode "jax" keeps the earlier JAX replica of the
     same loop (orbax checkpoint, our model and train step).
 (b) exact: examples batched with vmap in one compiled program, D_ref streamed at its real
-    lengths (probes and D_ref's chunks padded to at most 4 planned lengths each, as the stage
-    pads them).
+    lengths (the probes padded to at most 4 lengths and D_ref's chunks to at most 8, planned
+    from their lengths as the stage plans them).
 (c) first-order: grad L_ref once, then -<g_ref, delta_z> per example.
 
 All run on the same model weights, data and warm state (ours, converted exactly for torch).
