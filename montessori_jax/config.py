@@ -137,7 +137,8 @@ class InfluenceConfig:
     estimator: Literal["exact", "first_order", "both"] = "exact"
     batch_size: int | None = None  # probing examples per vmapped program; null: from a memory estimate
     # D_ref rows per streamed chunk; null: 1 on a CPU (XLA:CPU runs one row of a few hundred
-    # tokens faster per token than four), 4 on an accelerator
+    # tokens faster per token than four), 4 on an accelerator, rounded up to a multiple of
+    # mesh.data (grad L_ref splits each chunk's rows over it)
     ref_batch_size: int | None = None
     # distinct padded lengths of the probes (each one more compiled program) and of D_ref's
     # chunks (each one more scan body), planned from their lengths for the least padding

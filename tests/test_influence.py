@@ -360,3 +360,12 @@ def test_sharded_equals_unsharded(warm_tiny):
         out = _exact_scores(placed, 1e-4, B=2)
     assert placed["state"]["params"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert np.abs(out - ref).max() <= 1e-6
+
+
+def test_ref_rows_per_chunk_default_follows_the_backend_and_the_data_axis():
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert influence_lib.ref_rows_per_chunk(None) == (1 if on_cpu else 4)
+    assert influence_lib.ref_rows_per_chunk(None, data=3) == (3 if on_cpu else 6)  # rows split over data
+    assert influence_lib.ref_rows_per_chunk(5, data=8) == 5  # a set value is kept as it is

@@ -101,13 +101,15 @@ MAX_LENGTHS = 4  # distinct padded lengths of the probes (influence.max_lengths)
 REF_MAX_LENGTHS = 8  # ... and of D_ref's chunks (influence.ref_max_lengths)
 
 
-def ref_rows_per_chunk(value: int | None) -> int:
-    """influence.ref_batch_size, resolved: null is 1 on a CPU and 4 on an accelerator. (SmolLM2,
+def ref_rows_per_chunk(value: int | None, data: int = 1) -> int:
+    """influence.ref_batch_size, resolved: null is 1 on a CPU and 4 on an accelerator, rounded up
+    to a multiple of the mesh's ``data`` size so that grad L_ref's chunks split over it. (SmolLM2,
     the first 16 reference rows, one fp32 pass on a 2-core CPU: 20-23 s a row at a time against
     22-25 s four at a time, at the same padding.)"""
     if value is not None:
         return value
-    return 1 if jax.default_backend() == "cpu" else 4
+    rows = 1 if jax.default_backend() == "cpu" else 4
+    return -(-rows // data) * data
 
 
 def make_ref_set(examples: Sequence[text.Example], rows_per_chunk: int, pad_id: int,

@@ -191,7 +191,7 @@ def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> Stage
     exact = icfg.estimator in ("exact", "both")
     fo = icfg.estimator in ("first_order", "both")
     fused = icfg.grad_clip is None  # the first-order program consumes each layer's gradient in place
-    ref_rows = ref_rows_per_chunk(icfg.ref_batch_size)
+    ref_rows = ref_rows_per_chunk(icfg.ref_batch_size, mesh_shape["data"])
     B, choice = mem.choose_batch(scfg, n_probe, probe_len, ref_rows if exact else 0, ref_len,
                                  icfg.memory_fraction, params_dev, device_bytes, fused)
     if icfg.batch_size:
