@@ -29,7 +29,7 @@ import numpy as np
 
 from montessori_jax.bench import original_torch
 from montessori_jax.bench.common import build_model, cost_fields, machine_info, standin_example
-from montessori_jax.config import OptimConfig
+from montessori_jax.config import InfluenceConfig, OptimConfig
 from montessori_jax.core import batching, optim, profiling, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.checkpoint import Checkpoints
@@ -41,7 +41,6 @@ from montessori_jax.kernels import influence_memory, train_step
 from montessori_jax.stages import stats
 
 ORIGINAL_LEN = original_torch.ORIGINAL_LEN
-MAX_LENGTHS = influence_lib.MAX_LENGTHS
 ORIGINAL_MODES = ("bf16", "fp32", "jax")
 # (name, numerator mode, our estimator, target ratio): the issue's side-by-side targets
 TARGETS = (("exact vs original bf16", "bf16", "exact", 1.5),
@@ -189,14 +188,18 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
     mu, nu, count = optim.adam_moments(state["opt_state"])
 
     # (b) exact, vmapped
-    probe_len = batching.plan_lengths([len(e) for e in probes], 1, 1)[0]
+    probe_lengths = [len(e) for e in probes]
+    probe_len = batching.round_up(max(probe_lengths))
+
+    def probe_batches(B):  # the stage's padding: its default count of lengths, planned from the probes'
+        return list(batching.batches(probes, B, batching.plan_lengths(probe_lengths, B, InfluenceConfig.max_lengths),
+                                     pad_id=pad))
+
     ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
     B, mem = (batch_size, None) if batch_size else influence_memory.choose_batch(
         cfg, len(probes), probe_len, our_ref_rows, ref_len, 0.5)
     say(f"(b) exact: {len(probes)} probes, B={B}, D_ref {ref.n_rows} rows / {ref.n_tokens} target tokens")
-    # the stage's padding: at most MAX_LENGTHS lengths, planned from the probes' own
-    batches = list(batching.batches(probes, B, batching.plan_lengths([len(e) for e in probes], B, MAX_LENGTHS),
-                                    pad_id=pad))
+    batches = probe_batches(B)
     t0 = time.perf_counter()
     base_fn = influence_lib.make_baseline(graphdef).lower(params, ref.groups).compile()
     compile_base = time.perf_counter() - t0
@@ -227,8 +230,7 @@ def bench_influence(model: str = "smollm2", n_ref: int = 16, n_probe: int = 32, 
                                                           fused_first_order=hp.grad_clip is None)[0]
     if not fo_batch_size and jax.default_backend() == "cpu":
         B_fo = min(B_fo, 4)
-    fo_batches = list(batching.batches(probes, B_fo, batching.plan_lengths([len(e) for e in probes], B_fo, MAX_LENGTHS),
-                                       pad_id=pad))
+    fo_batches = probe_batches(B_fo)
     say(f"(c) first-order: B={B_fo}")
     plan = influence_memory.plan_ref_grad(cfg, ref_len, our_ref_rows, 0.5)
     grad_ref = influence_lib.make_ref_set(ref_ex, plan["rows_per_chunk"], pad)

@@ -36,6 +36,11 @@ def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 LENGTH_MULTIPLE = 16  # planned lengths (``plan_lengths``) are multiples of this
 
 
+def round_up(n: int, multiple: int = LENGTH_MULTIPLE) -> int:
+    """The smallest multiple of ``multiple`` >= n."""
+    return -(-n // multiple) * multiple
+
+
 def plan_lengths(lengths: Sequence[int], group: int, max_lengths: int, multiple: int = LENGTH_MULTIPLE) -> tuple[int, ...]:
     """The padded lengths, at most ``max_lengths`` of them, that pad ``lengths`` least when they
     are sorted and taken ``group`` at a time (each group padded to the smallest planned length
@@ -53,8 +58,7 @@ def plan_lengths(lengths: Sequence[int], group: int, max_lengths: int, multiple:
     if not lengths:
         return ()
     order = sorted(lengths)
-    tops = [multiple * -(-max(1, order[min(i + group, len(order)) - 1]) // multiple)
-            for i in range(0, len(order), group)]
+    tops = [round_up(max(1, order[min(i + group, len(order)) - 1]), multiple) for i in range(0, len(order), group)]
     values = sorted(set(tops))
     weight = np.array([group * tops.count(v) for v in values], np.float64)  # padded rows per value
     n, k_max = len(values), min(max_lengths, len(values))

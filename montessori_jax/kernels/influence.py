@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from montessori_jax.config import InfluenceConfig
 from montessori_jax.core import batching, optim, text
 from montessori_jax.core import model as model_lib
 from montessori_jax.core.losses import batch_token_nll, token_nll_per_position
@@ -96,11 +97,6 @@ class RefSet:
     n_tokens: int
 
 
-REF_BUCKET = batching.LENGTH_MULTIPLE  # reference chunks pad to multiples of this
-MAX_LENGTHS = 4  # distinct padded lengths of the probes (influence.max_lengths)
-REF_MAX_LENGTHS = 8  # ... and of D_ref's chunks (influence.ref_max_lengths)
-
-
 def ref_rows_per_chunk(value: int | None, data: int = 1) -> int:
     """influence.ref_batch_size, resolved: null is 1 on a CPU and 4 on an accelerator, rounded up
     to a multiple of the mesh's ``data`` size so that grad L_ref's chunks split over it. (SmolLM2,
@@ -113,13 +109,13 @@ def ref_rows_per_chunk(value: int | None, data: int = 1) -> int:
 
 
 def make_ref_set(examples: Sequence[text.Example], rows_per_chunk: int, pad_id: int,
-                 max_lengths: int = REF_MAX_LENGTHS) -> RefSet:
+                 max_lengths: int = InfluenceConfig.ref_max_lengths) -> RefSet:
     """D_ref sorted by length in chunks of ``rows_per_chunk`` rows, each padded to one of at most
     ``max_lengths`` lengths planned for the least padding (``batching.plan_lengths``): one group
     (one scan body of the compiled programs) per length."""
     rows = batching.rows_from_examples(examples)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    lengths = batching.plan_lengths([len(r) for r in rows], rows_per_chunk, max_lengths, REF_BUCKET)
+    lengths = batching.plan_lengths([len(r) for r in rows], rows_per_chunk, max_lengths)
     by_len: dict[int, list] = {}
     for start in range(0, len(order), rows_per_chunk):
         chunk = [rows[i] for i in order[start:start + rows_per_chunk]]

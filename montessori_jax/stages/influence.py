@@ -233,7 +233,7 @@ def run_influence(cfg: Config, out_dir: str, progress: bool = True, profile_dir:
 
         p_dtype = jnp.bfloat16 if icfg.param_dtype == "bfloat16" else jnp.float32
         ref_len = max(g["tokens"].shape[-1] for g in ref.groups)
-        probe_len = batching.plan_lengths([len(e) for e in probe], 1, 1)[0]  # the longest padded length
+        probe_len = batching.round_up(max(len(e) for e in probe))  # the longest planned length
         want_exact = icfg.estimator in ("exact", "both")
         B, mem = (icfg.batch_size, None) if icfg.batch_size else influence_memory.choose_batch(
             student.cfg, len(probe), probe_len, ref_rows if want_exact else 0, ref_len,

@@ -24,7 +24,7 @@ from montessori_jax.core import batching, sharding
 from montessori_jax.core import model as model_lib
 from montessori_jax.errors import UserError
 from montessori_jax.kernels import influence_memory as mem
-from montessori_jax.kernels.influence import REF_BUCKET, ref_rows_per_chunk
+from montessori_jax.kernels.influence import ref_rows_per_chunk
 
 HEADROOM = 0.9  # a stage fits when its total is at most this fraction of the device
 DEFAULT_PROMPT_LEN = 1024  # the sampler's prompt bucket when planning (8-shot prompts run to ~700 tokens)
@@ -184,8 +184,8 @@ def _sampler(stage, role, cfg, rows, n, prompt_len, new_tokens, device_bytes, ke
 
 def _influence(cfg: Config, scfg, mesh_shape, device_bytes, params_dev) -> StagePlan:
     icfg = cfg.influence
-    probe_len = batching.bucket_length(icfg.max_len)
-    ref_len = REF_BUCKET * -(-icfg.ref_max_len // REF_BUCKET)
+    probe_len = batching.round_up(icfg.max_len)  # the longest length the stage can plan
+    ref_len = batching.round_up(icfg.ref_max_len)
     splits = cfg.synthesis.splits or {}
     n_probe = splits.get("probe") if isinstance(splits.get("probe"), int) else 256
     exact = icfg.estimator in ("exact", "both")
