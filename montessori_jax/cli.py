@@ -713,6 +713,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = int(args.func(args) or 0)
         if in_cluster:
             distributed.barrier("command/end")  # no process leaves before the writer's files are complete
+            # flushed here, not left to the interpreter's exit: CI once lost process 0's last
+            # printed line of a cluster script to a pipe while it exited with status 0
+            sys.stdout.flush()
+            sys.stderr.flush()
         return rc
     except UserError as e:
         print(f"montessori: error: {e}", file=sys.stderr)

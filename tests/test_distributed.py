@@ -23,7 +23,7 @@ y = sharding.to_host(jax.jit(lambda v: v * 2)(a))
 r = sharding.to_host(jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P()))(a))
 distributed.barrier("end")
 print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), distributed.is_writer(),
-      np.array_equal(y, 2 * x), float(r))
+      np.array_equal(y, 2 * x), float(r), flush=True)
 """
 
 
@@ -33,7 +33,8 @@ def test_two_processes_put_and_gather():
     for r in results:
         assert r.returncode == 0, r.stderr[-2000:]
         lines += [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RESULT")]
-    assert sorted(lines) == [["0", "2", "4", "True", "True", "120.0"], ["1", "2", "4", "False", "True", "120.0"]]
+    assert sorted(lines) == [["0", "2", "4", "True", "True", "120.0"], ["1", "2", "4", "False", "True", "120.0"]], \
+        [(r.stdout[-1000:], r.stderr[-1000:]) for r in results]
 
 
 def test_cluster_env_errors(monkeypatch):
