@@ -115,6 +115,17 @@ def test_n_samples_share_one_prefill(tiny_sampler):
         assert len({tuple(s.tokens) for s in samples}) > 1
 
 
+def test_same_decode_rows_from_other_prompt_counts(tiny_sampler):
+    # 1 prompt x n=2 and 2 prompts x n=1 both decode 2 rows, but hold 1 and 2 prompt caches:
+    # the second once ran the first's compiled program and failed on the cache's shape
+    prompts = _prompts(64, (5, 9))
+    two = tiny_sampler.run_batch(prompts[:1], S.SamplingParams(temperature=0.0, max_new_tokens=6, n=2))
+    ones = tiny_sampler.run_batch(prompts, S.SamplingParams(temperature=0.0, max_new_tokens=6))
+    first = [t[:6].tolist() for t in (two.tokens[0], two.tokens[1], ones.tokens[0])]
+    assert first[0] == first[1] == first[2]
+    assert ones.tokens[1][:6].tolist() == tiny_sampler.run_batch(prompts[1:], GREEDY32).tokens[0][:6].tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop ids, limits, determinism, compilations
 

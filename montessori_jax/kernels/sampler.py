@@ -506,8 +506,10 @@ class Sampler:
             "prefill", (Bp, P, M, n) + lp_key, self._prefill_jit, self.params, batch, knobs, n=n, M=M, K=K
         )
         state = prefill(self.params, batch, knobs)
+        # keyed by the prompt rows and n apart: the prompts' shared cache (the state's prefix)
+        # has Bp rows, so 1 prompt x n=2 and 2 prompts x n=1 (both 2 decode rows) are two programs
         decode = self._program(
-            "decode", (Bp * n, P, M) + lp_key, self._decode_jit, self.params, state, knobs, K=K
+            "decode", (Bp, n, P, M) + lp_key, self._decode_jit, self.params, state, knobs, K=K
         )
         return decode(self.params, state, knobs)
 
