@@ -164,6 +164,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
 # ---------------------------------------------------------------------------------------------
 # The decoder
 
+HEAD_VOCAB_BLOCK = 8192  # vocabulary entries per block of ``Llama.head_nll``
+
 
 class Llama(nnx.Module):
     """Llama decoder. ``__call__`` is the only forward; it is pure given the params."""
@@ -201,19 +203,55 @@ class Llama(nnx.Module):
         """The LM head on final hidden states [..., D]: logits [..., V], accumulated and returned
         in fp32. A tied head contracts against the embedding as stored ([V, D]), so XLA never
         materialises its transpose."""
-        dt = DTYPES[self.cfg.dtype]
         lead, h_ND = h_xD.shape[:-1], h_xD.reshape(-1, h_xD.shape[-1])
         with jax.named_scope("lm_head"):
-            if not self.cfg.tie_embeddings:
-                logits = matmul(h_ND, self.lm_head[...].astype(dt))
-            elif dt == jnp.bfloat16 and jax.default_backend() == "cpu" and h_ND.shape[0] >= 256:
-                # XLA:CPU's fast bf16 matmul needs the [D, V] operand row-major; the transpose
-                # (V x D elements) pays for itself over many tokens, not in a decode step's few
-                logits = matmul(h_ND, physical_transpose(self.embed[...].astype(dt)))
-            else:
-                logits = jax.lax.dot_general(h_ND.astype(dt), self.embed[...].astype(dt), (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
+            logits = self._head_logits(h_ND, 0, self.cfg.vocab_size)
             return logits.reshape(*lead, logits.shape[-1])
+
+    def _head_logits(self, h_ND: jax.Array, v0: int, v1: int) -> jax.Array:
+        """The logits [N, v1 - v0] of vocabulary entries [v0, v1), in fp32."""
+        dt = DTYPES[self.cfg.dtype]
+        if not self.cfg.tie_embeddings:
+            return matmul(h_ND, self.lm_head[:, v0:v1].astype(dt))
+        if dt == jnp.bfloat16 and jax.default_backend() == "cpu" and h_ND.shape[0] >= 256:
+            # XLA:CPU's fast bf16 matmul needs the [D, V] operand row-major; the transpose
+            # (V x D elements) pays for itself over many tokens, not in a decode step's few
+            return matmul(h_ND, physical_transpose(self.embed[v0:v1].astype(dt)))
+        return jax.lax.dot_general(h_ND.astype(dt), self.embed[v0:v1].astype(dt), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    def head_nll(self, h_BTD: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Array,
+                 block: int = HEAD_VOCAB_BLOCK):
+        """``losses.token_nll_per_position(self.head(h), tokens, loss_mask)`` without the [B, T, V]
+        logits: the head in blocks of ``block`` vocabulary entries with a running logsumexp, each
+        target's logit read from the block that holds it. For passes that take no gradient (the
+        influence kernel's reference passes).
+
+        Each block's logits are written and read once, not the whole [T, V] twice, and the blocks
+        are independent ops a CPU runs side by side: SmolLM2 on a 2-core CPU, the forward and NLL
+        of one 608-token row 1.55-1.60 -> 1.45-1.48 s (best of 8, interleaved). The NLLs equal
+        the unblocked ones up to fp32 rounding."""
+        B, T, D = h_BTD.shape
+        h_ND = h_BTD.reshape(-1, D)
+        N, V = h_ND.shape[0], self.cfg.vocab_size
+        next_N = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1).reshape(N)  # t scores t+1
+        with jax.named_scope("lm_head"):
+            m_N = jnp.full((N,), -jnp.inf, jnp.float32)
+            s_N = jnp.zeros((N,), jnp.float32)
+            target_N = jnp.zeros((N,), jnp.float32)
+            for v0 in range(0, V, block):
+                v1 = min(V, v0 + block)
+                logits = self._head_logits(h_ND, v0, v1)
+                new_m = jnp.maximum(m_N, logits.max(axis=-1))
+                s_N = s_N * jnp.exp(m_N - new_m) + jnp.exp(logits - new_m[:, None]).sum(axis=-1)
+                m_N = new_m
+                here = (next_N >= v0) & (next_N < v1)
+                picked = jnp.take_along_axis(logits, jnp.clip(next_N - v0, 0, v1 - v0 - 1)[:, None], axis=-1)[:, 0]
+                target_N = jnp.where(here, picked, target_N)
+            lse_BT = (m_N + jnp.log(s_N)).reshape(B, T)
+            target_BT = target_N.reshape(B, T)
+        mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+        return (lse_BT - target_BT)[:, :-1] * mask_BT, mask_BT
 
     def __call__(
         self,
@@ -524,6 +562,14 @@ def merge_params(graphdef: nnx.GraphDef, params: dict) -> Llama:
 def apply(graphdef: nnx.GraphDef, params: dict, *args, **kwargs):
     """Run the model given as (graphdef, params); call inside jit/grad/vmap."""
     return merge_params(graphdef, params)(*args, **kwargs)
+
+
+def apply_nll(graphdef: nnx.GraphDef, params: dict, tokens_BT, positions_BT, segment_ids_BT, loss_mask_BT):
+    """The per-target NLL [B, T-1] and its mask under the model (``Llama.head_nll``: no [B, T, V]
+    logits); for passes that take no gradient."""
+    m = merge_params(graphdef, params)
+    h_BTD = m(tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
+    return m.head_nll(h_BTD, tokens_BT, loss_mask_BT)
 
 
 def logical_axes(cfg: LlamaConfig) -> dict[str, tuple]:

@@ -29,7 +29,7 @@ import numpy as np
 from montessori_jax.config import InfluenceConfig
 from montessori_jax.core import batching, optim, text
 from montessori_jax.core import model as model_lib
-from montessori_jax.core.losses import batch_token_nll, token_nll_per_position
+from montessori_jax.core.losses import batch_token_nll
 
 # ---------------------------------------------------------------------------------------------
 # The one AdamW step, as optax.adamw (+ clip_by_global_norm) computes it, on explicit state
@@ -132,8 +132,8 @@ def ref_token_nll(graphdef, params: dict, groups) -> tuple:
     NLL is compared against."""
 
     def chunk(_, b):
-        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        return None, token_nll_per_position(logits, b["tokens"], b["loss_mask"])[0]
+        return None, model_lib.apply_nll(graphdef, params, b["tokens"], b["positions"], b["segment_ids"],
+                                         b["loss_mask"])[0]
 
     return tuple(jax.lax.scan(chunk, None, g)[1] for g in groups)
 
@@ -148,8 +148,7 @@ def ref_loss_drop(graphdef, params: dict, groups, base_nll: tuple) -> jax.Array:
 
     def chunk(carry, xs):
         b, base = xs
-        logits = model_lib.apply(graphdef, params, b["tokens"], b["positions"], b["segment_ids"])
-        nll, mask = token_nll_per_position(logits, b["tokens"], b["loss_mask"])
+        nll, mask = model_lib.apply_nll(graphdef, params, b["tokens"], b["positions"], b["segment_ids"], b["loss_mask"])
         return (carry[0] + jnp.sum((base - nll) * mask), carry[1] + mask.sum()), None
 
     total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
