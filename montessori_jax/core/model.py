@@ -222,15 +222,18 @@ class Llama(nnx.Module):
 
     def head_nll(self, h_BTD: jax.Array, tokens_BT: jax.Array, loss_mask_BT: jax.Array,
                  block: int = HEAD_VOCAB_BLOCK):
-        """``losses.token_nll_per_position(self.head(h), tokens, loss_mask)`` without the [B, T, V]
-        logits: the head in blocks of ``block`` vocabulary entries with a running logsumexp, each
+        """``losses.token_nll_per_position(self.head(h), tokens, loss_mask)`` without one [B, T, V]
+        logits array: the head in blocks of ``block`` vocabulary entries with a running logsumexp, each
         target's logit read from the block that holds it. For passes that take no gradient (the
         influence kernel's reference passes).
 
-        Each block's logits are written and read once, not the whole [T, V] twice, and the blocks
-        are independent ops a CPU runs side by side: SmolLM2 on a 2-core CPU, the forward and NLL
-        of one 608-token row 1.55-1.60 -> 1.45-1.48 s (best of 8, interleaved). The NLLs equal
-        the unblocked ones up to fp32 rounding."""
+        Each block's logits are written and read once, not the whole [T, V] twice, and the blocks'
+        matmuls and reductions are independent ops a CPU runs side by side: SmolLM2 on a 2-core
+        CPU, the forward and NLL of one 608-token row 1.55-1.60 -> 1.45-1.48 s (best of 8,
+        interleaved). Not a memory saving: XLA:CPU schedules the blocks' matmuls together, so
+        its peak is the whole logits' (temporaries 256 -> 258 MiB for 1024 tokens of a 65,536
+        vocabulary), as ``influence_memory.forward_bytes`` counts them. The NLLs equal the
+        unblocked ones up to fp32 rounding."""
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(-1, D)
         N, V = h_ND.shape[0], self.cfg.vocab_size
@@ -565,8 +568,8 @@ def apply(graphdef: nnx.GraphDef, params: dict, *args, **kwargs):
 
 
 def apply_nll(graphdef: nnx.GraphDef, params: dict, tokens_BT, positions_BT, segment_ids_BT, loss_mask_BT):
-    """The per-target NLL [B, T-1] and its mask under the model (``Llama.head_nll``: no [B, T, V]
-    logits); for passes that take no gradient."""
+    """The per-target NLL [B, T-1] and its mask under the model (``Llama.head_nll``: the head in
+    vocabulary blocks); for passes that take no gradient."""
     m = merge_params(graphdef, params)
     h_BTD = m(tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
     return m.head_nll(h_BTD, tokens_BT, loss_mask_BT)
