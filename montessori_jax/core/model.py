@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from montessori_jax.core import losses
 from montessori_jax.core.compat import logical_axes_of, make_param
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -237,7 +238,7 @@ class Llama(nnx.Module):
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(-1, D)
         N, V = h_ND.shape[0], self.cfg.vocab_size
-        next_N = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1).reshape(N)  # t scores t+1
+        next_N = losses.next_tokens(tokens_BT).reshape(N)
         with jax.named_scope("lm_head"):
             m_N = jnp.full((N,), -jnp.inf, jnp.float32)
             s_N = jnp.zeros((N,), jnp.float32)
@@ -252,9 +253,7 @@ class Llama(nnx.Module):
                 picked = jnp.take_along_axis(logits, jnp.clip(next_N - v0, 0, v1 - v0 - 1)[:, None], axis=-1)[:, 0]
                 target_N = jnp.where(here, picked, target_N)
             lse_BT = (m_N + jnp.log(s_N)).reshape(B, T)
-            target_BT = target_N.reshape(B, T)
-        mask_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
-        return (lse_BT - target_BT)[:, :-1] * mask_BT, mask_BT
+        return losses.nll_per_position(lse_BT, target_N.reshape(B, T), loss_mask_BT)
 
     def __call__(
         self,
