@@ -103,6 +103,7 @@ def test_adamw_update_is_the_students_own_optimizer(warm_tiny):
 
 
 def test_vmap_equals_python_loop(warm_tiny):
+    """B=4 through vmap against one example a call (B=1: the same function without vmap)."""
     batched = _exact_scores(warm_tiny, 1e-4, B=4)
     looped = _exact_scores(warm_tiny, 1e-4, B=1)
     assert np.abs(batched - looped).max() <= 1e-6
