@@ -33,7 +33,7 @@ CASES = {
     "tiny-first-order": ("tiny", "influence", ["influence.estimator=first_order", "influence.batch_size=4",
                                                "influence.max_len=512", "influence.ref_max_len=512",
                                                "influence.ref_batch_size=4"]),
-    "tiny-sample": ("tiny", "synthesis", ["synthesis.batch_size=64", "synthesis.samples_per_prompt=4",
+    "tiny-sample": ("tiny", "synthesis", ["synthesis.batch_size=256", "synthesis.samples_per_prompt=4",
                                           "synthesis.instruction_sampling.max_new_tokens=256",
                                           "synthesis.response_sampling.max_new_tokens=256"]),
     "smollm2-sft": ("smollm2-135m", "warmup", ["warmup.batch_size=1", "warmup.max_len=128", "student.remat=true"]),
